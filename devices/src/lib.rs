@@ -1,0 +1,47 @@
+//! Device models for minivmm.
+//!
+//! Every device here is reached through a [`bus::Bus`] (port I/O or MMIO) and
+//! describes itself to the guest's ACPI namespace by implementing
+//! [`acpi_tables::Aml`], so the VMM can build the DSDT from the devices it
+//! created without knowing their details.
+
+pub mod acpi_pm;
+pub mod bus;
+pub mod i8042;
+pub mod serial;
+
+use std::io;
+
+use vmm_sys_util::eventfd::EventFd;
+
+pub use acpi_tables::{Aml, AmlSink};
+
+/// A [`vm_superio::Trigger`] backed by an [`EventFd`]: used both for interrupt lines
+/// (registered as KVM irqfds) and for lifecycle requests sent to the VMM thread.
+#[derive(Debug)]
+pub struct EventFdTrigger(EventFd);
+
+impl EventFdTrigger {
+    /// Wraps an eventfd.
+    pub fn new(evt: EventFd) -> Self {
+        Self(evt)
+    }
+
+    /// Duplicates the underlying eventfd.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self(self.0.try_clone()?))
+    }
+
+    /// The wrapped eventfd.
+    pub fn event_fd(&self) -> &EventFd {
+        &self.0
+    }
+}
+
+impl vm_superio::Trigger for EventFdTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}

@@ -1,0 +1,379 @@
+#!/usr/bin/env bash
+# Build minivmm guest images from Debian packages.
+#
+# Usage: resources/build-images.sh [--force]
+#
+# Outputs go to ${MINIVMM_IMAGES:-<repo>/target/images}:
+#   vmlinuz         Debian cloud kernel (bzImage), from the package that
+#                   linux-image-cloud-amd64 depends on
+#   vmlinux         the same kernel, decompressed to an uncompressed ELF
+#   initrd.img      gzip'd newc cpio: static busybox + /init (see README.md)
+#   l1/vmlinuz      Debian generic kernel (what linux-image-amd64 depends on),
+#                   used as the L1 VM kernel by resources/nested-run.sh
+#   l1/initrd.img   busybox + virtio/9p/kvm modules + the L1 /init
+#   debs/           apt-get download cache (safe to delete)
+#
+# The build is cached: if every output exists and is newer than this script,
+# nothing is done (pass --force or delete the outputs to rebuild).
+# Missing tools are installed with apt-get (requires root).
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SCRIPT="$SCRIPT_DIR/$(basename "${BASH_SOURCE[0]}")"
+REPO=$(dirname "$SCRIPT_DIR")
+OUT=${MINIVMM_IMAGES:-$REPO/target/images}
+
+# Modules loaded (in this order) by the L1 initrd.
+L1_MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev
+    virtio_pci netfs fscache 9pnet 9pnet_virtio 9p irqbypass ccp kvm kvm-amd)
+
+log() { printf 'build-images: %s\n' "$*" >&2; }
+die() { printf 'build-images: error: %s\n' "$*" >&2; exit 1; }
+
+force=0
+case "${1:-}" in
+    --force) force=1 ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$SCRIPT" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+    "") ;;
+    *) die "unknown argument '$1' (usage: $0 [--force])" ;;
+esac
+
+OUTPUTS=("$OUT/vmlinuz" "$OUT/vmlinux" "$OUT/initrd.img" "$OUT/l1/vmlinuz" "$OUT/l1/initrd.img")
+
+up_to_date() {
+    local f
+    for f in "${OUTPUTS[@]}"; do
+        [[ -s "$f" && "$f" -nt "$SCRIPT" ]] || return 1
+    done
+}
+
+if [[ $force -eq 0 ]] && up_to_date; then
+    log "up to date in $OUT (use --force to rebuild)"
+    exit 0
+fi
+
+# ---------------------------------------------------------------- tools ----
+apt_updated=0
+apt_update() {
+    if [[ $apt_updated -eq 0 ]]; then
+        [[ $(id -u) -eq 0 ]] || die "need root to run apt-get update/install"
+        log "apt-get update"
+        apt-get update -qq >&2 || die "apt-get update failed"
+        apt_updated=1
+    fi
+}
+
+ensure_tools() {
+    local missing=() pkg
+    command -v cpio >/dev/null || missing+=(cpio)
+    command -v lz4 >/dev/null || missing+=(lz4)
+    command -v modinfo >/dev/null || missing+=(kmod)
+    command -v xz >/dev/null || missing+=(xz-utils)
+    command -v zstd >/dev/null || missing+=(zstd)
+    command -v gzip >/dev/null || missing+=(gzip)
+    if [[ "$(dpkg-query -W -f='${Status}' busybox-static 2>/dev/null)" != "install ok installed" ]]; then
+        missing+=(busybox-static)
+    fi
+    command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+    if [[ ${#missing[@]} -gt 0 ]]; then
+        log "installing missing packages: ${missing[*]}"
+        apt_update
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2 ||
+            die "apt-get install ${missing[*]} failed"
+    fi
+    for pkg in dpkg-deb apt-get apt-cache grep; do
+        command -v "$pkg" >/dev/null || die "required tool '$pkg' not found"
+    done
+    BUSYBOX=$(dpkg-query -L busybox-static | grep -m1 -E '/bin/busybox$') ||
+        die "cannot locate the busybox binary of package busybox-static"
+    [[ -x "$BUSYBOX" ]] || die "$BUSYBOX is not executable"
+}
+
+# ------------------------------------------------------------- packages ----
+# resolve_dep META: print the real package a meta package depends on.
+resolve_dep() {
+    local meta=$1 dep
+    dep=$(apt-cache depends "$meta" 2>/dev/null | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }') || true
+    if [[ -z "$dep" ]]; then
+        apt_update
+        dep=$(apt-cache depends "$meta" 2>/dev/null | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }') || true
+    fi
+    [[ -n "$dep" ]] || die "cannot resolve the kernel package behind '$meta' (apt-cache depends $meta)"
+    printf '%s\n' "$dep"
+}
+
+# fetch_deb PKG: download PKG's .deb into $DEBS (cached) and print its path.
+fetch_deb() {
+    local pkg=$1 deb apt_opts=()
+    deb=$(compgen -G "$DEBS/${pkg}_*.deb" | sort -V | tail -n1) || true
+    if [[ -z "$deb" ]]; then
+        log "downloading $pkg"
+        [[ $(id -u) -eq 0 ]] && apt_opts=(-o APT::Sandbox::User=root)
+        (cd "$DEBS" && apt-get download -qq "${apt_opts[@]}" "$pkg" >&2) ||
+            die "apt-get download $pkg failed"
+        deb=$(compgen -G "$DEBS/${pkg}_*.deb" | sort -V | tail -n1) || true
+        [[ -n "$deb" ]] || die "apt-get download $pkg produced no .deb in $DEBS"
+    fi
+    printf '%s\n' "$deb"
+}
+
+# unpack_deb DEB DIR: extract DEB into DIR (cached via a stamp file).
+unpack_deb() {
+    local deb=$1 dir=$2
+    if [[ ! -e "$dir/.unpacked" || "$deb" -nt "$dir/.unpacked" ]]; then
+        rm -rf "$dir"
+        mkdir -p "$dir"
+        dpkg-deb -x "$deb" "$dir" || die "dpkg-deb -x $deb failed"
+        touch "$dir/.unpacked"
+    fi
+}
+
+# kernel_version DIR: the single kernel version found in an unpacked package.
+kernel_version() {
+    local dir=$1 v
+    v=$(find "$dir/boot" -maxdepth 1 -name 'vmlinuz-*' -printf '%f\n' | sed 's/^vmlinuz-//' | head -n1)
+    [[ -n "$v" ]] || die "no boot/vmlinuz-* in $dir"
+    printf '%s\n' "$v"
+}
+
+# ------------------------------------------------------------- vmlinux -----
+# extract_vmlinux BZIMAGE OUT: decompress the LZ4 (legacy frame) payload, like
+# the kernel's scripts/extract-vmlinux: try every magic offset until the
+# result is an ELF file.
+extract_vmlinux() {
+    local bz=$1 out=$2 off tmp=$2.tmp
+    local offsets
+    offsets=$(LC_ALL=C grep -aboP '\x02\x21\x4c\x18' "$bz" | cut -d: -f1) || true
+    [[ -n "$offsets" ]] || die "no LZ4 legacy magic (02 21 4c 18) in $bz; is it LZ4 compressed?"
+    for off in $offsets; do
+        # lz4 complains about the trailing garbage after the stream: ignore.
+        tail -c +"$((off + 1))" "$bz" | lz4 -dc >"$tmp" 2>/dev/null || true
+        if [[ -s "$tmp" && "$(head -c4 "$tmp" | od -An -tx1 | tr -d ' \n')" == 7f454c46 ]]; then
+            mv -f "$tmp" "$out"
+            log "vmlinux: extracted LZ4 payload at offset $off ($(stat -c %s "$out") bytes)"
+            return 0
+        fi
+    done
+    rm -f "$tmp"
+    die "could not extract an ELF vmlinux from $bz"
+}
+
+# ----------------------------------------------------------- initramfs -----
+# populate_busybox ROOT: static busybox + applet symlinks + base dirs.
+populate_busybox() {
+    local root=$1 applet
+    mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,root,etc,mnt}
+    install -m 0755 "$BUSYBOX" "$root/bin/busybox"
+    while read -r applet; do
+        [[ -n "$applet" && ! -e "$root/$applet" ]] || continue
+        ln -s /bin/busybox "$root/$applet"
+    done < <("$BUSYBOX" --list-full)
+    [[ -e "$root/bin/sh" ]] || ln -s /bin/busybox "$root/bin/sh"
+}
+
+# make_cpio ROOT OUT: gzip'd newc archive of ROOT, owned by root.
+make_cpio() {
+    local root=$1 out=$2
+    (cd "$root" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
+        cpio --null -o -H newc -R 0:0 --quiet) | gzip -9n >"$out.tmp" ||
+        die "creating $out failed"
+    mv -f "$out.tmp" "$out"
+}
+
+write_guest_init() {
+    cat >"$1" <<'EOF'
+#!/bin/sh
+# minivmm test guest init. Kernel command line contract:
+#   minivmm.action=poweroff (default) | reboot | hang | shell
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+read -r cmdline </proc/cmdline
+memkb=$(awk '$1 == "MemTotal:" { print $2 }' /proc/meminfo)
+echo "MINIVMM-BANNER release=$(uname -r) nproc=$(nproc) memtotal_kb=$memkb cmdline=$cmdline"
+action=poweroff
+set -f
+for arg in $cmdline; do
+    case "$arg" in
+    minivmm.action=*) action=${arg#minivmm.action=} ;;
+    esac
+done
+set +f
+case "$action" in
+shell)
+    echo "minivmm: type 'poweroff -f' to stop the VM"
+    setsid cttyhack sh
+    poweroff -f
+    ;;
+reboot) reboot -f ;;
+hang) while :; do sleep 3600; done ;;
+poweroff) poweroff -f ;;
+*)
+    echo "minivmm: unknown minivmm.action=$action, powering off"
+    poweroff -f
+    ;;
+esac
+# Never let init exit (that panics the kernel).
+while :; do sleep 3600; done
+EOF
+    chmod 0755 "$1"
+}
+
+write_l1_init() {
+    cat >"$1" <<'EOF'
+#!/bin/sh
+# minivmm nested-run L1 init (see resources/nested-run.sh).
+# Kernel command line: minivmm.workdir=<abs path> [minivmm.rw=<p1>,<p2>...]
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+
+finish() {
+    echo "MINIVMM-NESTED-EXIT=$1"
+    [ -n "$workdir" ] && [ -d "/host$workdir" ] && echo "$1" >"/host$workdir/exit-status" 2>/dev/null
+    sync
+    poweroff -f
+    while :; do sleep 3600; done
+}
+fail() {
+    echo "minivmm-l1: error: $*"
+    dmesg | tail -n 20
+    finish 125
+}
+
+workdir=
+rw=
+read -r cmdline </proc/cmdline
+set -f
+for arg in $cmdline; do
+    case "$arg" in
+    minivmm.workdir=*) workdir=${arg#minivmm.workdir=} ;;
+    minivmm.rw=*) rw=${arg#minivmm.rw=} ;;
+    esac
+done
+set +f
+
+while read -r m; do
+    [ -n "$m" ] || continue
+    if [ -f "/lib/modules/$m.ko" ]; then
+        insmod "/lib/modules/$m.ko" || echo "minivmm-l1: warning: insmod $m failed"
+    fi
+done </etc/minivmm-modules
+
+P9="trans=virtio,version=9p2000.L,msize=512000"
+mkdir -p /host
+mount -t 9p -o "$P9,ro" host /host || fail "cannot mount the host root (9p tag 'host')"
+mount -t proc proc /host/proc || fail "mount /host/proc"
+mount -t sysfs sysfs /host/sys || fail "mount /host/sys"
+mount -t devtmpfs devtmpfs /host/dev || fail "mount /host/dev"
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /host/dev/pts 2>/dev/null
+mount -t tmpfs -o mode=1777 tmpfs /host/dev/shm 2>/dev/null
+mount -t tmpfs -o mode=1777 tmpfs /host/tmp || fail "mount /host/tmp"
+mount -t tmpfs -o mode=755 tmpfs /host/run 2>/dev/null
+[ -n "$workdir" ] || fail "no minivmm.workdir= on the kernel command line"
+i=0
+IFS_SAVE=$IFS
+IFS=,
+for p in $rw; do
+    mount -t 9p -o "$P9" "rw$i" "/host$p" || fail "cannot mount writable dir $p (tag rw$i)"
+    i=$((i + 1))
+done
+IFS=$IFS_SAVE
+mount -t 9p -o "$P9" share "/host$workdir" || fail "cannot mount the work dir at $workdir"
+
+if [ ! -c /dev/kvm ]; then
+    grep -qw svm /proc/cpuinfo || echo "minivmm-l1: the L1 CPU has no svm flag"
+    fail "/dev/kvm missing after insmod kvm-amd"
+fi
+
+chroot /host /bin/bash "$workdir/cmd.sh" </dev/null
+finish $?
+EOF
+    chmod 0755 "$1"
+}
+
+# find_module KDIR NAME: path of NAME.ko[.xz|.zst|.gz] (- and _ equivalent).
+find_module() {
+    local kdir=$1 name=$2 pat
+    pat=$(printf '%s' "$name" | sed 's/[-_]/[-_]/g')
+    find "$kdir" -type f -regextype posix-extended \
+        -regex ".*/${pat}\.ko(\.xz|\.zst|\.gz)?" | head -n1
+}
+
+build_l1_initrd() {
+    local root=$1 kdir=$2 ver=$3 out=$4 m f name deps d builtin
+    populate_busybox "$root"
+    mkdir -p "$root/lib/modules"
+    : >"$root/etc/minivmm-modules"
+    builtin="$kdir/lib/modules/$ver/modules.builtin"
+    for m in "${L1_MODULES[@]}"; do
+        f=$(find_module "$kdir/lib/modules/$ver" "$m")
+        if [[ -z "$f" ]]; then
+            if [[ -f "$builtin" ]] && grep -qE "/${m//[-_]/[-_]}\.ko$" "$builtin"; then
+                log "l1: module $m is built in, skipping"
+            else
+                log "l1: warning: module $m not found in $ver, skipping"
+            fi
+            continue
+        fi
+        name=$m
+        case "$f" in
+            *.ko.xz) xz -dc "$f" >"$root/lib/modules/$name.ko" ;;
+            *.ko.zst) zstd -qdc "$f" >"$root/lib/modules/$name.ko" ;;
+            *.ko.gz) gzip -dc "$f" >"$root/lib/modules/$name.ko" ;;
+            *) cp "$f" "$root/lib/modules/$name.ko" ;;
+        esac
+        # Warn if a dependency is not in the list (it would fail to load).
+        deps=$(modinfo -F depends "$root/lib/modules/$name.ko" 2>/dev/null | tr ',' ' ') || true
+        for d in $deps; do
+            [[ -e "$root/lib/modules/$d.ko" || -e "$root/lib/modules/${d//_/-}.ko" ]] ||
+                log "l1: warning: $m depends on $d which is not loaded before it"
+        done
+        printf '%s\n' "$name" >>"$root/etc/minivmm-modules"
+    done
+    write_l1_init "$root/init"
+    make_cpio "$root" "$out"
+}
+
+# ----------------------------------------------------------------- main ----
+ensure_tools
+DEBS="$OUT/debs"
+WORK="$OUT/work"
+mkdir -p "$DEBS" "$WORK" "$OUT/l1"
+
+cloud_pkg=$(resolve_dep linux-image-cloud-amd64)
+generic_pkg=$(resolve_dep linux-image-amd64)
+log "cloud kernel package: $cloud_pkg; L1 kernel package: $generic_pkg"
+
+cloud_deb=$(fetch_deb "$cloud_pkg")
+generic_deb=$(fetch_deb "$generic_pkg")
+unpack_deb "$cloud_deb" "$WORK/cloud"
+unpack_deb "$generic_deb" "$WORK/generic"
+cloud_ver=$(kernel_version "$WORK/cloud")
+generic_ver=$(kernel_version "$WORK/generic")
+
+# Guest kernel.
+cp "$WORK/cloud/boot/vmlinuz-$cloud_ver" "$OUT/vmlinuz.tmp"
+mv -f "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
+extract_vmlinux "$OUT/vmlinuz" "$OUT/vmlinux"
+
+# Guest initrd.
+rm -rf "$WORK/initrd"
+populate_busybox "$WORK/initrd"
+write_guest_init "$WORK/initrd/init"
+make_cpio "$WORK/initrd" "$OUT/initrd.img"
+
+# L1 kernel + initrd for nested-run.sh.
+cp "$WORK/generic/boot/vmlinuz-$generic_ver" "$OUT/l1/vmlinuz.tmp"
+mv -f "$OUT/l1/vmlinuz.tmp" "$OUT/l1/vmlinuz"
+rm -rf "$WORK/l1-initrd"
+build_l1_initrd "$WORK/l1-initrd" "$WORK/generic" "$generic_ver" "$OUT/l1/initrd.img"
+
+printf '%s\n' "cloud=$cloud_ver" "l1=$generic_ver" >"$OUT/versions"
+for f in "${OUTPUTS[@]}"; do
+    [[ -s "$f" ]] || die "output $f missing after build"
+    touch "$f"
+done
+log "done: $OUT ($cloud_ver; L1 $generic_ver)"

@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Run a command where a real KVM is available.
+#
+# Usage: resources/nested-run.sh [--] CMD [ARGS...]
+#
+# If this host's CPU has vmx/svm and /dev/kvm exists, CMD is simply exec'ed.
+# Otherwise an L1 VM (QEMU/TCG, emulated EPYC CPU with svm+npt, Debian generic
+# kernel, kvm-amd loaded) is booted, the host root filesystem is shared into it
+# read-only over virtio-9p, and CMD runs there (chroot'ed into the host root,
+# in the caller's cwd, with MINIVMM_NESTED=1). L1's console is streamed to
+# stdout; the runner exits with CMD's exit status, or 125 if L1 failed.
+#
+# Inside L1 only these are writable: /tmp, /run, /dev/shm (tmpfs, empty), the
+# runner's work dir (<repo>/target/nested-XXXXXX) and MINIVMM_NESTED_RW dirs.
+# CMD's stdin is /dev/null.
+#
+# Environment:
+#   MINIVMM_IMAGES        image dir (default <repo>/target/images); built by
+#                         resources/build-images.sh if needed
+#   MINIVMM_L1_MEM        L1 memory in MiB (default 8192)
+#   MINIVMM_L1_CPUS       L1 vCPUs (default 2)
+#   MINIVMM_NESTED_RW     colon-separated absolute host dirs to share
+#                         read-write into L1 at the same path (e.g. the cargo
+#                         target dir if CMD must write there)
+#   MINIVMM_NESTED_FORCE  1: always use an L1 VM, even with a usable KVM
+#   MINIVMM_NESTED_KEEP   1: keep the work dir (console.log, cmd.sh)
+#
+# Exported into CMD's environment in L1: PATH, HOME, USER, LANG, LC_ALL,
+# RUST_*, RUSTUP_*, RUSTFLAGS, RUSTDOCFLAGS, RUSTC*, and every variable named
+# MINIVMM_*, CARGO*, NEXTEST*.
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$SCRIPT_DIR")
+OUT=${MINIVMM_IMAGES:-$REPO/target/images}
+EXIT_FAIL=125
+
+log() { printf 'nested-run: %s\n' "$*" >&2; }
+die() { printf 'nested-run: error: %s\n' "$*" >&2; exit "$EXIT_FAIL"; }
+
+[[ "${1:-}" == "--" ]] && shift
+if [[ $# -eq 0 ]]; then
+    printf 'usage: %s [--] CMD [ARGS...]\n' "$0" >&2
+    exit 2
+fi
+
+# ----------------------------------------------------- direct execution ----
+if [[ "${MINIVMM_NESTED_FORCE:-0}" != 1 ]] &&
+    grep -qwE 'vmx|svm' /proc/cpuinfo && [[ -e /dev/kvm ]]; then
+    exec "$@"
+fi
+
+# ------------------------------------------------------------ prepare ------
+if ! command -v qemu-system-x86_64 >/dev/null; then
+    [[ $(id -u) -eq 0 ]] || die "qemu-system-x86_64 missing (apt-get install qemu-system-x86)"
+    log "installing qemu-system-x86"
+    apt-get update -qq >&2 || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >&2 ||
+        die "apt-get install qemu-system-x86 failed"
+fi
+MINIVMM_IMAGES=$OUT "$SCRIPT_DIR/build-images.sh" || die "building the images failed"
+for f in "$OUT/l1/vmlinuz" "$OUT/l1/initrd.img"; do
+    [[ -s "$f" ]] || die "missing $f (run resources/build-images.sh)"
+done
+
+mem=${MINIVMM_L1_MEM:-8192}
+cpus=${MINIVMM_L1_CPUS:-2}
+[[ "$mem" =~ ^[0-9]+$ ]] || die "MINIVMM_L1_MEM must be a number of MiB, got '$mem'"
+[[ "$cpus" =~ ^[0-9]+$ ]] || die "MINIVMM_L1_CPUS must be a number, got '$cpus'"
+
+cwd=$(pwd -P)
+case "$cwd/" in
+    /tmp/* | /run/* | /dev/shm/* | /proc/* | /sys/*)
+        log "warning: cwd $cwd is hidden by a fresh mount inside L1; the command may fail" ;;
+esac
+
+mkdir -p "$REPO/target"
+work=$(mktemp -d "$REPO/target/nested-XXXXXX") || die "cannot create a work dir in $REPO/target"
+[[ "$work" =~ ^[A-Za-z0-9/._+-]+$ ]] || die "work dir path '$work' has characters unsafe for the kernel command line"
+
+pipe_pid=
+keep=0
+# shellcheck disable=SC2317 # invoked from traps
+cleanup() {
+    local pid=
+    [[ -s "$work/qemu.pid" ]] && pid=$(<"$work/qemu.pid")
+    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
+        kill "$pid" 2>/dev/null || true
+    fi
+    if [[ -n "$pipe_pid" ]]; then
+        kill "$pipe_pid" 2>/dev/null || true
+    fi
+    if [[ $keep -eq 0 && "${MINIVMM_NESTED_KEEP:-0}" != 1 ]]; then
+        rm -rf "$work"
+    else
+        log "work dir kept: $work"
+    fi
+}
+# shellcheck disable=SC2317 # invoked from traps
+on_signal() {
+    log "interrupted, stopping the L1 VM"
+    trap - EXIT
+    cleanup
+    exit "$1"
+}
+trap cleanup EXIT
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
+trap 'on_signal 129' HUP
+
+# Writable extra dirs.
+rw_args=()
+rw_list=
+if [[ -n "${MINIVMM_NESTED_RW:-}" ]]; then
+    IFS=: read -r -a rw_dirs <<<"$MINIVMM_NESTED_RW"
+    i=0
+    for d in "${rw_dirs[@]}"; do
+        [[ -n "$d" ]] || continue
+        [[ -d "$d" ]] || die "MINIVMM_NESTED_RW: '$d' is not a directory"
+        d=$(cd "$d" && pwd -P)
+        [[ "$d" =~ ^/[A-Za-z0-9/._+-]*$ && "$d" != / ]] ||
+            die "MINIVMM_NESTED_RW: '$d' has characters unsafe for the kernel command line"
+        rw_args+=(-virtfs "local,path=$d,mount_tag=rw$i,security_model=passthrough")
+        rw_list+="${rw_list:+,}$d"
+        i=$((i + 1))
+    done
+fi
+
+# The command script run in L1 (bash: printf %q may emit $'...' quoting).
+{
+    printf '#!/bin/bash\n'
+    printf '# generated by nested-run.sh\n'
+    while read -r name; do
+        if [[ "$name" =~ ^(PATH|HOME|USER|LANG|LC_ALL|RUST_[A-Za-z0-9_]*|RUSTUP_[A-Za-z0-9_]*|RUSTFLAGS|RUSTDOCFLAGS|RUSTC|RUSTC_[A-Za-z0-9_]*|RUSTDOC|MINIVMM_[A-Za-z0-9_]*|CARGO|CARGO_[A-Za-z0-9_]*|NEXTEST|NEXTEST_[A-Za-z0-9_]*)$ ]]; then
+            printf 'export %s=%q\n' "$name" "${!name}"
+        fi
+    done < <(compgen -e)
+    printf 'export MINIVMM_NESTED=1\n'
+    printf 'cd -- %q || { echo "nested-run: cannot cd to %q in L1" >&2; exit %d; }\n' "$cwd" "$cwd" "$EXIT_FAIL"
+    printf 'exec'
+    printf ' %q' "$@"
+    printf '\n'
+} >"$work/cmd.sh"
+chmod 0755 "$work/cmd.sh"
+
+# ------------------------------------------------------------- boot L1 -----
+append="console=ttyS0 panic=-1 quiet loglevel=3 minivmm.workdir=$work"
+[[ -n "$rw_list" ]] && append+=" minivmm.rw=$rw_list"
+
+# EPYC with svm+npt; features TCG cannot emulate are dropped explicitly (it
+# would drop them anyway, with a warning each).
+l1_cpu=EPYC,+svm,+npt
+for feat in rdseed sha-ni fxsr-opt misalignsse 3dnowprefetch osvw topoext nrip-save xsavec; do
+    l1_cpu+=",-$feat"
+done
+
+# shellcheck disable=SC2054 # commas are part of QEMU option values
+qemu_cmd=(qemu-system-x86_64
+    -nodefaults -no-user-config
+    -accel tcg,thread=multi -cpu "$l1_cpu"
+    -m "$mem" -smp "$cpus"
+    -display none -monitor none -serial stdio -no-reboot
+    -pidfile "$work/qemu.pid"
+    -kernel "$OUT/l1/vmlinuz" -initrd "$OUT/l1/initrd.img"
+    -virtfs "local,path=/,mount_tag=host,security_model=passthrough,readonly=on,multidevs=remap"
+    -virtfs "local,path=$work,mount_tag=share,security_model=passthrough"
+    "${rw_args[@]}"
+    -append "$append")
+
+log "booting L1 VM (TCG, ${mem} MiB, $cpus vCPUs) to run: $*"
+start=$(date +%s)
+# Background + wait, so that the signal traps run promptly. The console is
+# streamed to stdout (CRs stripped) and saved for parsing.
+"${qemu_cmd[@]}" </dev/null | sed -u 's/\r$//' | tee "$work/console.log" &
+pipe_pid=$!
+wait "$pipe_pid" || true
+pipe_pid=
+elapsed=$(($(date +%s) - start))
+
+status=
+if [[ -s "$work/exit-status" ]]; then
+    status=$(tr -dc '0-9' <"$work/exit-status")
+fi
+if [[ -z "$status" ]]; then
+    status=$(tr -d '\r' <"$work/console.log" | grep -ao 'MINIVMM-NESTED-EXIT=[0-9]*' | tail -n1 | cut -d= -f2) || true
+fi
+if [[ -z "$status" ]]; then
+    keep=1
+    log "error: the L1 VM exited after ${elapsed}s without reporting the command's exit status" \
+        "(crashed, killed or failed to boot); console log: $work/console.log"
+    exit "$EXIT_FAIL"
+fi
+log "L1 VM finished in ${elapsed}s; command exit status $status"
+exit "$status"

@@ -1,0 +1,305 @@
+//! Command line of the `minivmm` binary, and the [`VmConfig`] it produces.
+//!
+//! The flag names are a contract: tests, scripts and later features rely on them.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::Parser;
+
+/// Largest memory size accepted (1 TiB); KVM and the host decide the real limit.
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// Largest vcpu count accepted (the MADT uses 8-bit APIC ids).
+pub const MAX_CPUS: u8 = 254;
+
+const AFTER_HELP: &str = "\
+Exit status:
+  0    the guest powered off (or rebooted with --no-reboot), or Ctrl-A x
+  1    the VM failed (KVM error, guest hardware fault) or could not start
+  2    bad command line
+  124  --timeout expired
+  130/143  stopped by SIGINT/SIGTERM (128 + signal number)
+
+Serial console (when stdin is a terminal):
+  Ctrl-A x  quit      Ctrl-A h  help      Ctrl-A Ctrl-A  send Ctrl-A
+
+Example:
+  minivmm --kernel vmlinuz --initrd initrd.img --append \"console=ttyS0\" --memory 1G --cpus 2";
+
+/// Command line arguments.
+#[derive(Debug, Parser)]
+#[command(
+    name = "minivmm",
+    version,
+    about = "Boot a Linux guest under KVM with a serial console",
+    long_about = "minivmm boots a Linux kernel (bzImage or uncompressed ELF vmlinux) with an \
+optional initrd under KVM, with the guest's first serial port (COM1, ttyS0) on this \
+terminal. It exits when the guest powers off.",
+    after_help = AFTER_HELP
+)]
+pub struct Cli {
+    /// Guest kernel: a bzImage (e.g. /boot/vmlinuz-*) or an uncompressed ELF vmlinux.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+
+    /// Initial ramdisk loaded next to the kernel (cpio, optionally compressed).
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+
+    /// Kernel command line, passed verbatim.
+    #[arg(long, value_name = "STR", default_value = "console=ttyS0")]
+    pub append: String,
+
+    /// Guest RAM; a number of bytes with an optional K, M, G or T suffix (powers of 1024).
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
+    pub memory: u64,
+
+    /// Number of vcpus (1-254).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_cpus)]
+    pub cpus: u8,
+
+    /// Where the guest's serial console goes: "stdio" (this terminal, input too),
+    /// "file:PATH" (output appended to PATH), or "none".
+    #[arg(long, value_name = "BACKEND", default_value = "stdio")]
+    pub serial: SerialBackend,
+
+    /// Name of the VM, used in log lines.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// UUID of the VM (e.g. 12345678-1234-1234-1234-123456789abc).
+    #[arg(long, value_name = "UUID", value_parser = parse_uuid)]
+    pub uuid: Option<String>,
+
+    /// When the guest reboots, exit with status 0 instead of booting it again.
+    #[arg(long)]
+    pub no_reboot: bool,
+
+    /// Stop the VM and exit with status 124 after this many seconds.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    pub timeout: Option<u64>,
+}
+
+/// Destination of the guest's serial console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialBackend {
+    /// Output to stdout, input from stdin.
+    Stdio,
+    /// Output appended to a file; no input.
+    File(PathBuf),
+    /// Output discarded; no input.
+    None,
+}
+
+impl FromStr for SerialBackend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdio" => Ok(Self::Stdio),
+            "none" => Ok(Self::None),
+            _ => match s.strip_prefix("file:") {
+                Some("") => Err("file: needs a path, e.g. file:/tmp/console.log".into()),
+                Some(p) => Ok(Self::File(PathBuf::from(p))),
+                None => Err(format!(
+                    "unknown serial backend '{s}': use stdio, file:PATH or none"
+                )),
+            },
+        }
+    }
+}
+
+/// Parses "512M", "1G", "4096" (bytes), "64k".
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("'{s}': unknown size suffix '{c}' (use K, M, G or T)")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (examples: 512M, 1G, 2048M)"))?;
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .filter(|b| *b <= MAX_MEMORY)
+        .ok_or_else(|| format!("'{s}' is too large (at most 1T)"))?;
+    if bytes < (16 << 20) {
+        return Err(format!("'{s}' is too small: a Linux guest needs at least 16M"));
+    }
+    Ok(bytes)
+}
+
+fn parse_cpus(s: &str) -> Result<u8, String> {
+    let n: u32 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of vcpus"))?;
+    match n {
+        0 => Err("a VM needs at least 1 vcpu".into()),
+        n if n > MAX_CPUS as u32 => Err(format!("at most {MAX_CPUS} vcpus are supported")),
+        n => Ok(n as u8),
+    }
+}
+
+fn parse_timeout(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Err("the timeout must be at least 1 second".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a whole number of seconds")),
+    }
+}
+
+fn parse_uuid(s: &str) -> Result<String, String> {
+    let groups: Vec<&str> = s.split('-').collect();
+    let lens = [8, 4, 4, 4, 12];
+    let ok = groups.len() == 5
+        && groups
+            .iter()
+            .zip(lens)
+            .all(|(g, l)| g.len() == l && g.chars().all(|c| c.is_ascii_hexdigit()));
+    if ok {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "'{s}' is not a UUID (expected 8-4-4-4-12 hex digits, e.g. 12345678-1234-1234-1234-123456789abc)"
+        ))
+    }
+}
+
+/// Everything needed to build (and rebuild, on reboot) the VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Kernel image path.
+    pub kernel: PathBuf,
+    /// Initrd path.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Number of vcpus.
+    pub cpus: u8,
+    /// Serial backend.
+    pub serial: SerialBackend,
+    /// VM name.
+    pub name: Option<String>,
+    /// VM UUID.
+    pub uuid: Option<String>,
+    /// Exit instead of rebooting.
+    pub no_reboot: bool,
+    /// Seconds until forced stop.
+    pub timeout: Option<u64>,
+}
+
+impl From<Cli> for VmConfig {
+    fn from(c: Cli) -> Self {
+        Self {
+            kernel: c.kernel,
+            initrd: c.initrd,
+            cmdline: c.append,
+            memory: c.memory,
+            cpus: c.cpus,
+            serial: c.serial,
+            name: c.name,
+            uuid: c.uuid,
+            no_reboot: c.no_reboot,
+            timeout: c.timeout,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("minivmm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&["--kernel", "k"]).unwrap();
+        assert_eq!(c.memory, 512 << 20);
+        assert_eq!(c.cpus, 1);
+        assert_eq!(c.append, "console=ttyS0");
+        assert_eq!(c.serial, SerialBackend::Stdio);
+        assert!(c.initrd.is_none() && c.timeout.is_none() && !c.no_reboot);
+    }
+
+    #[test]
+    fn all_flags() {
+        let c = parse(&[
+            "--kernel", "k", "--initrd", "i", "--append", "quiet x=1", "--memory", "1G",
+            "--cpus", "2", "--serial", "file:/tmp/s", "--name", "vm1", "--uuid",
+            "12345678-1234-1234-1234-123456789ABC", "--no-reboot", "--timeout", "5",
+        ])
+        .unwrap();
+        let cfg = VmConfig::from(c);
+        assert_eq!(cfg.memory, 1 << 30);
+        assert_eq!(cfg.cpus, 2);
+        assert_eq!(cfg.cmdline, "quiet x=1");
+        assert_eq!(cfg.serial, SerialBackend::File("/tmp/s".into()));
+        assert_eq!(cfg.uuid.as_deref(), Some("12345678-1234-1234-1234-123456789abc"));
+        assert!(cfg.no_reboot);
+        assert_eq!(cfg.timeout, Some(5));
+    }
+
+    #[test]
+    fn kernel_is_required() {
+        assert!(parse(&[]).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4g"), Ok(4 << 30));
+        assert_eq!(parse_size("65536k"), Ok(64 << 20));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("33554432"), Ok(32 << 20));
+        for bad in ["", "G", "12X", "-1G", "1.5G", "2T", "99999999999999999999", "1M"] {
+            assert!(parse_size(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn cpus_and_timeout_bounds() {
+        assert!(parse(&["--kernel", "k", "--cpus", "0"]).is_err());
+        assert!(parse(&["--kernel", "k", "--cpus", "255"]).is_err());
+        assert!(parse(&["--kernel", "k", "--cpus", "two"]).is_err());
+        assert!(parse(&["--kernel", "k", "--timeout", "0"]).is_err());
+        assert_eq!(parse(&["--kernel", "k", "--cpus", "254"]).unwrap().cpus, 254);
+    }
+
+    #[test]
+    fn serial_backends() {
+        assert_eq!("none".parse(), Ok(SerialBackend::None));
+        assert!("file:".parse::<SerialBackend>().is_err());
+        assert!("tcp:1".parse::<SerialBackend>().is_err());
+    }
+
+    #[test]
+    fn bad_uuid_rejected() {
+        assert!(parse(&["--kernel", "k", "--uuid", "nope"]).is_err());
+        assert!(parse(&["--kernel", "k", "--uuid", "12345678-1234-1234-1234-12345678zabc"]).is_err());
+    }
+
+    #[test]
+    fn help_documents_every_flag() {
+        let help = Cli::command().render_long_help().to_string();
+        for flag in [
+            "--kernel", "--initrd", "--append", "--memory", "--cpus", "--serial", "--name",
+            "--uuid", "--no-reboot", "--timeout", "Ctrl-A x", "124",
+        ] {
+            assert!(help.contains(flag), "help lacks {flag}");
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! minivmm: a small KVM virtual machine monitor.
+//!
+//! The binary parses its command line ([`cli`]), then [`vmm::run`] builds the VM
+//! ([`builder`]: memory, kernel, ACPI, devices, vcpus) and runs its lifecycle until
+//! the guest powers off, the VM fails, or the user stops it.
+
+pub mod acpi;
+pub mod boot;
+pub mod cli;
+pub mod cpu;
+pub mod layout;
+pub mod memory;
