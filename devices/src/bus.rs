@@ -105,7 +105,11 @@ impl Bus {
                 true
             }
             None => {
-                log::debug!("{}: unmapped read of {} bytes at {addr:#x}", self.name, data.len());
+                log::debug!(
+                    "{}: unmapped read of {} bytes at {addr:#x}",
+                    self.name,
+                    data.len()
+                );
                 data.fill(0xff);
                 false
             }

@@ -25,22 +25,50 @@ pub const COM1_PORT_LEN: u16 = 8;
 pub const COM1_IRQ: u32 = 4;
 
 /// A cloneable, thread-safe writer: every clone writes to the same sink.
+///
+/// The first write error (say, the reader of a pipe went away) is logged once;
+/// after it guest output is discarded instead of failing every byte.
 #[derive(Clone)]
-pub struct SharedWriter(Arc<Mutex<Box<dyn Write + Send>>>);
+pub struct SharedWriter(Arc<Mutex<WriterState>>);
+
+struct WriterState {
+    out: Box<dyn Write + Send>,
+    broken: bool,
+}
 
 impl SharedWriter {
     /// Wraps a writer.
-    pub fn new(w: Box<dyn Write + Send>) -> Self {
-        Self(Arc::new(Mutex::new(w)))
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
+        Self(Arc::new(Mutex::new(WriterState { out, broken: false })))
+    }
+
+    fn with<T>(
+        &self,
+        len: usize,
+        f: impl FnOnce(&mut dyn Write) -> io::Result<T>,
+    ) -> io::Result<Option<T>> {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if s.broken {
+            return Ok(None);
+        }
+        match f(&mut *s.out) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
+            Err(e) => {
+                s.broken = true;
+                log::warn!("serial output failed ({e}); discarding further guest output ({len} bytes lost now)");
+                Ok(None)
+            }
+        }
     }
 }
 
 impl Write for SharedWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(buf)
+        Ok(self.with(buf.len(), |w| w.write(buf))?.unwrap_or(buf.len()))
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+        self.with(0, |w| w.flush()).map(|_| ())
     }
 }
 
@@ -51,7 +79,7 @@ impl SerialEvents for InputReady {
     fn buffer_read(&self) {}
     fn out_byte(&self) {}
     fn tx_lost_byte(&self) {
-        log::warn!("serial: a byte of guest output could not be written");
+        log::debug!("serial: a byte of guest output could not be written");
     }
     fn in_buffer_empty(&self) {
         if let Err(e) = self.0.write(1) {
@@ -189,6 +217,24 @@ mod tests {
         }
         assert_eq!(ready.read().unwrap(), 1);
         assert_eq!(dev.input_room(), n);
+    }
+
+    struct Broken;
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::from(io::ErrorKind::BrokenPipe))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn broken_output_is_discarded_after_the_first_error() {
+        let mut w = SharedWriter::new(Box::new(Broken));
+        assert_eq!(w.write(b"abc").unwrap(), 3);
+        assert_eq!(w.write(b"de").unwrap(), 2);
+        w.flush().unwrap();
     }
 
     #[test]

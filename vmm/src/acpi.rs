@@ -6,7 +6,9 @@
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -114,7 +116,13 @@ pub fn madt(cpus: u8) -> Vec<u8> {
 }
 
 fn io_gas(port: u16) -> GAS {
-    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(port))
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(port),
+    )
 }
 
 /// The hardware-reduced FADT pointing at `dsdt_addr`.
@@ -163,7 +171,10 @@ pub fn write_tables(
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
     let xsdt_addr = place(&bytes_of(&xsdt))?;
-    mem.write_slice(&bytes_of(&Rsdp::new(OEM_ID, xsdt_addr)), GuestAddress(rsdp_addr))?;
+    mem.write_slice(
+        &bytes_of(&Rsdp::new(OEM_ID, xsdt_addr)),
+        GuestAddress(rsdp_addr),
+    )?;
     Ok(GuestAddress(rsdp_addr))
 }
 
@@ -271,7 +282,10 @@ mod tests {
         let x = read_table(xsdt_addr);
         assert_eq!(&x[..4], b"XSDT");
         let entries: Vec<u64> = (36..x.len()).step_by(8).map(|o| u64_at(&x, o)).collect();
-        let sigs: Vec<Vec<u8>> = entries.iter().map(|a| read_table(*a)[..4].to_vec()).collect();
+        let sigs: Vec<Vec<u8>> = entries
+            .iter()
+            .map(|a| read_table(*a)[..4].to_vec())
+            .collect();
         assert_eq!(sigs, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
         let f = read_table(entries[0]);
         let d = read_table(u64_at(&f, 140));
@@ -291,6 +305,9 @@ mod tests {
             }
         }
         let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
-        assert!(matches!(write_tables(&mem, 1, &[&Big]), Err(AcpiError::TooLarge(_))));
+        assert!(matches!(
+            write_tables(&mem, 1, &[&Big]),
+            Err(AcpiError::TooLarge(_))
+        ));
     }
 }

@@ -196,11 +196,12 @@ pub fn load_initrd(
     let mut file = File::open(path).map_err(file_err)?;
     let size = file.metadata().map_err(file_err)?.len();
     let limit = initrd_limit(mem_size, kernel);
-    let addr = initrd_address(size, limit, kernel.end).ok_or_else(|| BootError::InitrdTooLarge {
-        path: path.into(),
-        size,
-        limit,
-    })?;
+    let addr =
+        initrd_address(size, limit, kernel.end).ok_or_else(|| BootError::InitrdTooLarge {
+            path: path.into(),
+            size,
+            limit,
+        })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(|source| match source {
             vm_memory::GuestMemoryError::IOError(e) => file_err(e),
@@ -225,9 +226,8 @@ pub fn load_cmdline(
         .unwrap_or(CMDLINE_MAX_SIZE);
     let mut cl = Cmdline::new(capacity).map_err(|e| BootError::Cmdline(e.to_string()))?;
     if !cmdline.is_empty() {
-        cl.insert_str(cmdline).map_err(|e| {
-            BootError::Cmdline(format!("{e} (at most {} bytes)", capacity - 1))
-        })?;
+        cl.insert_str(cmdline)
+            .map_err(|e| BootError::Cmdline(format!("{e} (at most {} bytes)", capacity - 1)))?;
     }
     loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cl)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
@@ -353,7 +353,11 @@ mod tests {
         assert_eq!(m3.addr + m3.size, MMIO_HOLE_START);
         assert_eq!({ m[4].addr }, FOUR_GIB);
         assert_eq!({ m[4].size }, (4 << 30) - MMIO_HOLE_START);
-        let ram: u64 = m.iter().filter(|e| { e.r#type } == E820_RAM).map(|e| e.size).sum();
+        let ram: u64 = m
+            .iter()
+            .filter(|e| { e.r#type } == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         assert_eq!(ram, (4 << 30) - (HIMEM_START - EBDA_START));
     }
 
@@ -436,9 +440,13 @@ mod tests {
             load_cmdline(&mem, &long, &elf_kernel()),
             Err(BootError::Cmdline(_))
         ));
-        assert_eq!(load_cmdline(&mem, "console=ttyS0", &elf_kernel()).unwrap(), 13);
+        assert_eq!(
+            load_cmdline(&mem, "console=ttyS0", &elf_kernel()).unwrap(),
+            13
+        );
         let mut buf = [0u8; 14];
-        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
+        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(&buf, b"console=ttyS0\0");
     }
 

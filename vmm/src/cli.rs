@@ -118,7 +118,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 'M' => 20,
                 'G' => 30,
                 'T' => 40,
-                _ => return Err(format!("'{s}': unknown size suffix '{c}' (use K, M, G or T)")),
+                _ => {
+                    return Err(format!(
+                        "'{s}': unknown size suffix '{c}' (use K, M, G or T)"
+                    ))
+                }
             };
             (&s[..i], shift)
         }
@@ -132,7 +136,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .filter(|b| *b <= MAX_MEMORY)
         .ok_or_else(|| format!("'{s}' is too large (at most 1T)"))?;
     if bytes < (16 << 20) {
-        return Err(format!("'{s}' is too small: a Linux guest needs at least 16M"));
+        return Err(format!(
+            "'{s}' is too small: a Linux guest needs at least 16M"
+        ));
     }
     Ok(bytes)
 }
@@ -238,9 +244,25 @@ mod tests {
     #[test]
     fn all_flags() {
         let c = parse(&[
-            "--kernel", "k", "--initrd", "i", "--append", "quiet x=1", "--memory", "1G",
-            "--cpus", "2", "--serial", "file:/tmp/s", "--name", "vm1", "--uuid",
-            "12345678-1234-1234-1234-123456789ABC", "--no-reboot", "--timeout", "5",
+            "--kernel",
+            "k",
+            "--initrd",
+            "i",
+            "--append",
+            "quiet x=1",
+            "--memory",
+            "1G",
+            "--cpus",
+            "2",
+            "--serial",
+            "file:/tmp/s",
+            "--name",
+            "vm1",
+            "--uuid",
+            "12345678-1234-1234-1234-123456789ABC",
+            "--no-reboot",
+            "--timeout",
+            "5",
         ])
         .unwrap();
         let cfg = VmConfig::from(c);
@@ -248,7 +270,10 @@ mod tests {
         assert_eq!(cfg.cpus, 2);
         assert_eq!(cfg.cmdline, "quiet x=1");
         assert_eq!(cfg.serial, SerialBackend::File("/tmp/s".into()));
-        assert_eq!(cfg.uuid.as_deref(), Some("12345678-1234-1234-1234-123456789abc"));
+        assert_eq!(
+            cfg.uuid.as_deref(),
+            Some("12345678-1234-1234-1234-123456789abc")
+        );
         assert!(cfg.no_reboot);
         assert_eq!(cfg.timeout, Some(5));
     }
@@ -265,7 +290,16 @@ mod tests {
         assert_eq!(parse_size("65536k"), Ok(64 << 20));
         assert_eq!(parse_size("1T"), Ok(1 << 40));
         assert_eq!(parse_size("33554432"), Ok(32 << 20));
-        for bad in ["", "G", "12X", "-1G", "1.5G", "2T", "99999999999999999999", "1M"] {
+        for bad in [
+            "",
+            "G",
+            "12X",
+            "-1G",
+            "1.5G",
+            "2T",
+            "99999999999999999999",
+            "1M",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad} accepted");
         }
     }
@@ -276,7 +310,10 @@ mod tests {
         assert!(parse(&["--kernel", "k", "--cpus", "255"]).is_err());
         assert!(parse(&["--kernel", "k", "--cpus", "two"]).is_err());
         assert!(parse(&["--kernel", "k", "--timeout", "0"]).is_err());
-        assert_eq!(parse(&["--kernel", "k", "--cpus", "254"]).unwrap().cpus, 254);
+        assert_eq!(
+            parse(&["--kernel", "k", "--cpus", "254"]).unwrap().cpus,
+            254
+        );
     }
 
     #[test]
@@ -289,15 +326,31 @@ mod tests {
     #[test]
     fn bad_uuid_rejected() {
         assert!(parse(&["--kernel", "k", "--uuid", "nope"]).is_err());
-        assert!(parse(&["--kernel", "k", "--uuid", "12345678-1234-1234-1234-12345678zabc"]).is_err());
+        assert!(parse(&[
+            "--kernel",
+            "k",
+            "--uuid",
+            "12345678-1234-1234-1234-12345678zabc"
+        ])
+        .is_err());
     }
 
     #[test]
     fn help_documents_every_flag() {
         let help = Cli::command().render_long_help().to_string();
         for flag in [
-            "--kernel", "--initrd", "--append", "--memory", "--cpus", "--serial", "--name",
-            "--uuid", "--no-reboot", "--timeout", "Ctrl-A x", "124",
+            "--kernel",
+            "--initrd",
+            "--append",
+            "--memory",
+            "--cpus",
+            "--serial",
+            "--name",
+            "--uuid",
+            "--no-reboot",
+            "--timeout",
+            "Ctrl-A x",
+            "124",
         ] {
             assert!(help.contains(flag), "help lacks {flag}");
         }

@@ -323,9 +323,17 @@ pub fn configure_vcpu(
 
     let mut lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
     let lvt0 = get_lapic_reg(&lapic.regs, APIC_LVT0);
-    set_lapic_reg(&mut lapic.regs, APIC_LVT0, set_delivery_mode(lvt0, APIC_MODE_EXTINT));
+    set_lapic_reg(
+        &mut lapic.regs,
+        APIC_LVT0,
+        set_delivery_mode(lvt0, APIC_MODE_EXTINT),
+    );
     let lvt1 = get_lapic_reg(&lapic.regs, APIC_LVT1);
-    set_lapic_reg(&mut lapic.regs, APIC_LVT1, set_delivery_mode(lvt1, APIC_MODE_NMI));
+    set_lapic_reg(
+        &mut lapic.regs,
+        APIC_LVT1,
+        set_delivery_mode(lvt1, APIC_MODE_NMI),
+    );
     vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
 
     if id == 0 {
@@ -354,7 +362,13 @@ mod tests {
 
     #[test]
     fn cpuid_apic_ids_and_topology() {
-        let mut e = vec![leaf(1, 0), leaf(0xb, 0), leaf(0xb, 1), leaf(0x8000_0008, 0), leaf(0xa, 0)];
+        let mut e = vec![
+            leaf(1, 0),
+            leaf(0xb, 0),
+            leaf(0xb, 1),
+            leaf(0x8000_0008, 0),
+            leaf(0xa, 0),
+        ];
         patch_cpuid(&mut e, 3, 4);
         assert_eq!(e[0].ebx >> 24, 3, "initial APIC id");
         assert_eq!((e[0].ebx >> 16) & 0xff, 4, "logical processors");
@@ -387,7 +401,10 @@ mod tests {
     fn gdt_entries_decode_to_long_mode_segments() {
         let gdt = boot_gdt();
         let cs = segment_from_gdt(gdt[2], 2);
-        assert_eq!((cs.selector, cs.l, cs.db, cs.present, cs.s), (0x10, 1, 0, 1, 1));
+        assert_eq!(
+            (cs.selector, cs.l, cs.db, cs.present, cs.s),
+            (0x10, 1, 0, 1, 1)
+        );
         assert_eq!(cs.limit, 0xffff_ffff);
         let ds = segment_from_gdt(gdt[3], 3);
         assert_eq!((ds.selector, ds.db, ds.type_), (0x18, 1, 3));

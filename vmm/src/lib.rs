@@ -6,7 +6,11 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod builder;
 pub mod cli;
 pub mod cpu;
 pub mod layout;
 pub mod memory;
+pub mod terminal;
+pub mod vcpu;
+pub mod vmm;

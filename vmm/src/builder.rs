@@ -1,0 +1,349 @@
+//! Builds a VM from its [`VmConfig`]: KVM VM and irqchip, guest memory, kernel,
+//! initrd and command line, devices and their buses, ACPI tables, vcpus.
+//!
+//! A reboot builds a fresh VM from the same config; only the [`Backends`] (the
+//! KVM handle, the serial console's host side, the lifecycle eventfds) survive.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use devices::acpi_pm::{AcpiPmAml, AcpiPmDevice, PM_PORT, PM_PORT_LEN};
+use devices::bus::{Bus, BusDevice, BusError};
+use devices::i8042::{I8042Aml, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT};
+use devices::serial::{SerialAml, SerialDevice, SharedWriter, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+use devices::{Aml, EventFdTrigger};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi::{self, AcpiError};
+use crate::boot::{self, BootError, BootInfo};
+use crate::cli::{SerialBackend, VmConfig};
+use crate::cpu::{self, CpuError};
+use crate::layout::KVM_TSS_ADDR;
+use crate::memory::{self, MemoryError};
+use crate::vcpu::{VcpuEvents, Vcpus};
+
+/// Errors building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// /dev/kvm cannot be used.
+    #[error("{0}")]
+    KvmUnavailable(String),
+    /// A KVM ioctl failed.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// Operation.
+        what: &'static str,
+        /// errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The host lacks a KVM feature minivmm needs.
+    #[error("KVM on this host lacks {0}, which minivmm needs")]
+    MissingCap(&'static str),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Memory larger than the host can back.
+    #[error(
+        "cannot allocate {wanted} MiB of guest memory: the host has {host} MiB of RAM and swap"
+    )]
+    MemoryTooLarge {
+        /// Requested.
+        wanted: u64,
+        /// Available.
+        host: u64,
+    },
+    /// Kernel, initrd, command line, boot parameters.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    /// vcpu configuration.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// Device layout.
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    /// Serial console file.
+    #[error("cannot open serial output {path}: {source}")]
+    SerialFile {
+        /// File.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Other host I/O (eventfds, threads).
+    #[error("host I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> BuildError {
+    move |source| BuildError::Kvm { what, source }
+}
+
+/// Checks, before touching KVM, that the kernel and initrd can be read and the
+/// kernel is a kernel, so such mistakes are reported first and by name.
+pub fn preflight(cfg: &VmConfig) -> Result<(), BuildError> {
+    let mut f = File::open(&cfg.kernel).map_err(|source| BootError::KernelFile {
+        path: cfg.kernel.clone(),
+        source,
+    })?;
+    let mut head = Vec::with_capacity(0x210);
+    (&mut f)
+        .take(0x210)
+        .read_to_end(&mut head)
+        .map_err(|source| BootError::KernelFile {
+            path: cfg.kernel.clone(),
+            source,
+        })?;
+    if boot::detect_format(&head).is_none() {
+        return Err(BootError::NotAKernel(cfg.kernel.clone()).into());
+    }
+    if let Some(p) = &cfg.initrd {
+        let mut f = File::open(p).map_err(|source| BootError::InitrdFile {
+            path: p.clone(),
+            source,
+        })?;
+        f.read(&mut [0u8; 1])
+            .map_err(|source| BootError::InitrdFile {
+                path: p.clone(),
+                source,
+            })?;
+    }
+    let host = host_memory_bytes();
+    if let Some(host) = host {
+        if cfg.memory > host {
+            return Err(BuildError::MemoryTooLarge {
+                wanted: cfg.memory >> 20,
+                host: host >> 20,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// RAM + swap of the host, from /proc/meminfo.
+fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = info.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok()
+    };
+    Some((field("MemTotal:")? + field("SwapTotal:").unwrap_or(0)) * 1024)
+}
+
+/// Opens the KVM device, explaining the usual failures.
+pub fn open_kvm() -> Result<Kvm, BuildError> {
+    let path = std::env::var("MINIVMM_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into());
+    let cpath = CString::new(path.clone())
+        .map_err(|_| BuildError::KvmUnavailable(format!("invalid KVM device path {path}")))?;
+    let kvm = Kvm::new_with_path(&cpath).map_err(|e| {
+        BuildError::KvmUnavailable(match e.errno() {
+            libc::ENOENT => format!(
+                "{path} does not exist: KVM is not available on this host (load the kvm-intel or kvm-amd module, and enable virtualization in the firmware)"
+            ),
+            libc::EACCES | libc::EPERM => format!(
+                "permission denied opening {path}: add your user to the 'kvm' group (sudo usermod -aG kvm $USER, then log in again) or run as root"
+            ),
+            _ => format!("cannot open {path}: {e}"),
+        })
+    })?;
+    for (cap, name) in [
+        (Cap::Irqchip, "an in-kernel irqchip"),
+        (Cap::Pit2, "an in-kernel PIT"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::ImmediateExit, "immediate_exit"),
+        (Cap::UserMemory, "user memory regions"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(BuildError::MissingCap(name));
+        }
+    }
+    Ok(kvm)
+}
+
+/// What survives a reboot.
+pub struct Backends {
+    kvm: Kvm,
+    cpuid: CpuId,
+    /// Lifecycle eventfds shared with the vcpus and devices.
+    pub events: Arc<VcpuEvents>,
+    /// COM1; rebuilt in place on each boot so its guest-visible state resets.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// Fires when the guest drained COM1's receive FIFO.
+    pub serial_input_ready: EventFd,
+    serial_irq: EventFd,
+    serial_out: SharedWriter,
+}
+
+impl Backends {
+    /// Opens KVM and the serial console's host side.
+    pub fn new(cfg: &VmConfig) -> Result<Self, BuildError> {
+        let kvm = open_kvm()?;
+        let cpuid = cpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let out: Box<dyn io::Write + Send> = match &cfg.serial {
+            SerialBackend::Stdio => Box::new(io::stdout()),
+            SerialBackend::None => Box::new(io::sink()),
+            SerialBackend::File(path) => Box::new(open_serial_file(path)?),
+        };
+        let serial_out = SharedWriter::new(out);
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK)?;
+        let serial_input_ready = EventFd::new(libc::EFD_NONBLOCK)?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            EventFdTrigger::new(serial_irq.try_clone()?),
+            serial_input_ready.try_clone()?,
+            serial_out.clone(),
+        )));
+        Ok(Self {
+            kvm,
+            cpuid,
+            events: Arc::new(VcpuEvents::new()?),
+            serial,
+            serial_input_ready,
+            serial_irq,
+            serial_out,
+        })
+    }
+
+    /// Flushes the console output.
+    pub fn flush_serial(&self) {
+        let _ = io::Write::flush(&mut self.serial_out.clone());
+    }
+}
+
+fn open_serial_file(path: &Path) -> Result<File, BuildError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| BuildError::SerialFile {
+            path: path.into(),
+            source,
+        })
+}
+
+/// A built, running VM. Dropping it stops the vcpus, then releases the VM and
+/// its memory (field order matters).
+pub struct Vm {
+    vcpus: Vcpus,
+    _vm_fd: VmFd,
+    _memory: GuestMemoryMmap,
+}
+
+impl Vm {
+    /// Stops the vcpus and tears the VM down.
+    pub fn stop(self) {
+        drop(self);
+    }
+
+    /// Number of vcpus running.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), BuildError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| BuildError::Io(io::Error::other(e.to_string())))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which the returned
+        // `Vm` keeps alive until after the VM fd (and so KVM's use of it) is gone.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+/// Builds the VM described by `cfg` and starts its vcpus.
+pub fn build_vm(cfg: &VmConfig, b: &Backends) -> Result<Vm, BuildError> {
+    let vm = b.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDR)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+    let mem = memory::create_guest_memory(cfg.memory)?;
+    register_memory(&vm, &mem)?;
+
+    let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
+    let initrd = match &cfg.initrd {
+        Some(p) => Some(boot::load_initrd(&mem, cfg.memory, p, &kernel)?),
+        None => None,
+    };
+    let cmdline_len = boot::load_cmdline(&mem, &cfg.cmdline, &kernel)?;
+
+    // Devices. COM1 gets fresh registers but keeps its host side.
+    *b.serial.lock().unwrap_or_else(|e| e.into_inner()) = SerialDevice::new(
+        EventFdTrigger::new(b.serial_irq.try_clone()?),
+        b.serial_input_ready.try_clone()?,
+        b.serial_out.clone(),
+    );
+    vm.register_irqfd(&b.serial_irq, COM1_IRQ)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    let i8042: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(
+        b.events.reset.try_clone()?,
+    ))));
+    let pm = Arc::new(Mutex::new(AcpiPmDevice::new(
+        b.events.shutdown.try_clone()?,
+        b.events.reset.try_clone()?,
+    )));
+    let mut pio = Bus::new("pio");
+    pio.insert(
+        b.serial.clone(),
+        u64::from(COM1_PORT),
+        u64::from(COM1_PORT_LEN),
+    )?;
+    pio.insert(i8042.clone(), u64::from(I8042_DATA_PORT), 1)?;
+    pio.insert(i8042, u64::from(I8042_COMMAND_PORT), 1)?;
+    pio.insert(pm, u64::from(PM_PORT), u64::from(PM_PORT_LEN))?;
+    let mmio = Bus::new("mmio");
+    let aml: [&dyn Aml; 3] = [&SerialAml, &I8042Aml, &AcpiPmAml];
+
+    let rsdp = acpi::write_tables(&mem, cfg.cpus, &aml)?;
+    boot::write_boot_params(
+        &mem,
+        &BootInfo {
+            kernel,
+            cmdline_len,
+            initrd,
+            rsdp: rsdp.0,
+            mem_size: cfg.memory,
+        },
+    )?;
+    cpu::write_boot_structures(&mem)?;
+
+    let mut fds = Vec::with_capacity(cfg.cpus as usize);
+    for id in 0..cfg.cpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        cpu::configure_vcpu(&fd, id, cfg.cpus, &b.cpuid, kernel.entry)?;
+        fds.push(fd);
+    }
+    let vcpus = Vcpus::start(fds, Arc::new(pio), Arc::new(mmio), b.events.clone())?;
+    Ok(Vm {
+        vcpus,
+        _vm_fd: vm,
+        _memory: mem,
+    })
+}

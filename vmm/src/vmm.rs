@@ -1,0 +1,430 @@
+//! The VMM thread: builds the VM, then runs an event loop (event-manager) over the
+//! lifecycle eventfds, signals, the timeout and the console input, until the VM's
+//! fate is decided. Reboots rebuild the VM in place.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use devices::serial::SerialDevice;
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::builder::{self, Backends, BuildError};
+use crate::cli::{SerialBackend, VmConfig};
+use crate::terminal::{self, EscapeCommand, EscapeParser, RawTerminal};
+use crate::vcpu::{self, VcpuEvents};
+
+/// Errors of the VMM as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// Building the VM failed.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// The event loop failed.
+    #[error("event loop: {0}")]
+    EventLoop(String),
+    /// Host setup (signals, timers) failed.
+    #[error("host setup: {0}")]
+    Setup(String),
+}
+
+/// Why the VMM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest rebooted and `--no-reboot` was given.
+    RebootRefused,
+    /// Ctrl-A x.
+    Quit,
+    /// `--timeout` expired.
+    Timeout(u64),
+    /// SIGINT/SIGTERM/SIGHUP.
+    Signal(i32),
+    /// A vcpu failed.
+    Failed(String),
+}
+
+impl Outcome {
+    /// Process exit status for this outcome.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::PowerOff | Outcome::RebootRefused | Outcome::Quit => 0,
+            Outcome::Timeout(_) => 124,
+            Outcome::Signal(n) => 128 + n,
+            Outcome::Failed(_) => 1,
+        }
+    }
+
+    /// What to tell the user on stderr, if anything.
+    pub fn message(&self) -> Option<String> {
+        match self {
+            Outcome::PowerOff => None,
+            Outcome::RebootRefused => Some("guest rebooted; exiting because of --no-reboot".into()),
+            Outcome::Quit => Some("quit from the console (Ctrl-A x)".into()),
+            Outcome::Timeout(s) => Some(format!("--timeout of {s} s expired; VM stopped")),
+            Outcome::Signal(n) => Some(format!("received {}; VM stopped", signal_name(*n))),
+            Outcome::Failed(e) => Some(format!("error: the VM failed: {e}")),
+        }
+    }
+}
+
+fn signal_name(n: i32) -> String {
+    match n {
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        n => format!("signal {n}"),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    PowerOff,
+    Reset,
+    Failed,
+    Signal(i32),
+    Timeout,
+    Quit,
+}
+
+type Requests = Rc<RefCell<VecDeque<Request>>>;
+
+const STOP_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+/// Blocks the stop signals in this thread (and so in every thread it starts later)
+/// and returns a signalfd that receives them.
+fn stop_signalfd() -> Result<OwnedFd, VmmError> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for s in STOP_SIGNALS {
+        // SAFETY: `set` is initialised and `s` a valid signal number.
+        unsafe { libc::sigaddset(&mut set, s) };
+    }
+    // SAFETY: `set` is a valid, initialised signal set.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(VmmError::Setup(format!(
+            "cannot block signals: {}",
+            io::Error::from_raw_os_error(rc)
+        )));
+    }
+    // SAFETY: `set` is valid; -1 asks for a new descriptor.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(VmmError::Setup(format!(
+            "signalfd: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: `fd` is a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn read_signal(fd: RawFd) -> Option<i32> {
+    // SAFETY: signalfd_siginfo is plain data.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: `info` is a writable buffer of `size` bytes.
+    let n = unsafe { libc::read(fd, (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+    (n == size as isize).then_some(info.ssi_signo as i32)
+}
+
+/// Lifecycle sources: vcpu events, stop signals, the timeout.
+struct Controller {
+    events: Arc<VcpuEvents>,
+    signals: OwnedFd,
+    timer: Option<TimerFd>,
+    requests: Requests,
+}
+
+impl MutEventSubscriber for Controller {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut add = |fd: &dyn AsRawFd| {
+            if let Err(e) = ops.add(Events::new_raw(fd.as_raw_fd(), EventSet::IN)) {
+                log::error!("cannot watch a lifecycle event: {e:?}");
+            }
+        };
+        add(&self.events.shutdown);
+        add(&self.events.reset);
+        add(&self.events.error);
+        add(&self.signals);
+        if let Some(t) = &self.timer {
+            add(t);
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        let push = |r| self.requests.borrow_mut().push_back(r);
+        if fd == self.events.shutdown.as_raw_fd() {
+            let _ = self.events.shutdown.read();
+            push(Request::PowerOff);
+        } else if fd == self.events.reset.as_raw_fd() {
+            let _ = self.events.reset.read();
+            push(Request::Reset);
+        } else if fd == self.events.error.as_raw_fd() {
+            let _ = self.events.error.read();
+            push(Request::Failed);
+        } else if fd == self.signals.as_raw_fd() {
+            while let Some(sig) = read_signal(fd) {
+                push(Request::Signal(sig));
+            }
+        } else if let Some(t) = self.timer.as_mut().filter(|t| t.as_raw_fd() == fd) {
+            let _ = t.wait();
+            push(Request::Timeout);
+        }
+    }
+}
+
+/// Console input: stdin into COM1, with back-pressure and Ctrl-A escapes.
+struct ConsoleInput {
+    serial: Arc<Mutex<SerialDevice>>,
+    ready: EventFd,
+    pending: VecDeque<u8>,
+    escapes: Option<EscapeParser>,
+    stdin_watched: bool,
+    stdin_eof: bool,
+    requests: Requests,
+}
+
+/// Bytes of console input read at once (and so at most held back).
+const INPUT_CHUNK: usize = 256;
+
+impl ConsoleInput {
+    fn stdin_events() -> Events {
+        Events::new_raw(libc::STDIN_FILENO, EventSet::IN)
+    }
+
+    fn push_pending(&mut self) {
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        while !self.pending.is_empty() {
+            let (a, _) = self.pending.as_slices();
+            match serial.enqueue_input(a) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+                Err(e) => {
+                    log::warn!("console input dropped: {e}");
+                    self.pending.clear();
+                }
+            }
+        }
+    }
+
+    fn update_watch(&mut self, ops: &mut EventOps) {
+        let want = !self.stdin_eof && self.pending.is_empty();
+        if want != self.stdin_watched {
+            let r = if want {
+                ops.add(Self::stdin_events())
+            } else {
+                ops.remove(Self::stdin_events())
+            };
+            match r {
+                Ok(()) => self.stdin_watched = want,
+                Err(e) => {
+                    log::debug!("console input disabled (stdin cannot be polled): {e:?}");
+                    self.stdin_eof = true;
+                }
+            }
+        }
+    }
+
+    fn read_stdin(&mut self) {
+        let mut buf = [0u8; INPUT_CHUNK];
+        // SAFETY: `buf` is a writable buffer of its length.
+        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted && e.kind() != io::ErrorKind::WouldBlock {
+                log::warn!("console input: {e}; no more input");
+                self.stdin_eof = true;
+            }
+            return;
+        }
+        if n == 0 {
+            self.stdin_eof = true;
+            return;
+        }
+        let input = &buf[..n as usize];
+        match &mut self.escapes {
+            None => self.pending.extend(input),
+            Some(p) => {
+                let mut out = Vec::with_capacity(input.len());
+                for cmd in p.feed(input, &mut out) {
+                    match cmd {
+                        EscapeCommand::Help => {
+                            let _ = io::stderr().write_all(terminal::HELP.as_bytes());
+                        }
+                        EscapeCommand::Quit => self.requests.borrow_mut().push_back(Request::Quit),
+                    }
+                }
+                self.pending.extend(out);
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for ConsoleInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.ready, EventSet::IN)) {
+            log::error!("cannot watch console readiness: {e:?}");
+        }
+        self.update_watch(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.ready.as_raw_fd() {
+            let _ = self.ready.read();
+        } else if events
+            .event_set()
+            .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
+        {
+            self.read_stdin();
+        }
+        self.push_pending();
+        self.update_watch(ops);
+    }
+}
+
+fn stdin_is_usable() -> bool {
+    // SAFETY: F_GETFD only queries the descriptor.
+    unsafe { libc::fcntl(libc::STDIN_FILENO, libc::F_GETFD) >= 0 }
+}
+
+/// Makes sure descriptors 0-2 are open (on /dev/null if need be), so no file the
+/// VMM opens can land on them.
+pub fn ensure_std_fds() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only queries the descriptor.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            // SAFETY: opening /dev/null; the lowest free descriptor is `fd`.
+            unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        }
+    }
+}
+
+/// Runs the VM described by `cfg` to its end; returns how it ended.
+pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
+    builder::preflight(&cfg)?;
+    let signals = stop_signalfd()?;
+    vcpu::install_kick_handler()
+        .map_err(|e| VmmError::Setup(format!("cannot install the vcpu kick handler: {e}")))?;
+    let backends = Backends::new(&cfg)?;
+
+    let requests: Requests = Rc::new(RefCell::new(VecDeque::new()));
+    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber>>>::new()
+        .map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
+    let timer = match cfg.timeout {
+        Some(secs) => {
+            let mut t = TimerFd::new().map_err(|e| VmmError::Setup(format!("timerfd: {e}")))?;
+            t.reset(Duration::from_secs(secs), None)
+                .map_err(|e| VmmError::Setup(format!("timerfd: {e}")))?;
+            Some(t)
+        }
+        None => None,
+    };
+    em.add_subscriber(Arc::new(Mutex::new(Controller {
+        events: backends.events.clone(),
+        signals,
+        timer,
+        requests: requests.clone(),
+    })));
+
+    let interactive = cfg.serial == SerialBackend::Stdio && stdin_is_usable();
+    let raw = if interactive {
+        RawTerminal::enable()
+    } else {
+        None
+    };
+    if interactive {
+        em.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
+            serial: backends.serial.clone(),
+            ready: backends
+                .serial_input_ready
+                .try_clone()
+                .map_err(|e| VmmError::Setup(e.to_string()))?,
+            pending: VecDeque::new(),
+            escapes: raw.as_ref().map(|_| EscapeParser::default()),
+            stdin_watched: false,
+            stdin_eof: false,
+            requests: requests.clone(),
+        })));
+    }
+
+    let mut vm = builder::build_vm(&cfg, &backends)?;
+    log::info!(
+        "{}: started with {} vcpu(s)",
+        cfg.name.as_deref().unwrap_or("vm"),
+        vm.vcpu_count()
+    );
+    let outcome = 'run: loop {
+        if let Err(e) = em.run() {
+            // EINTR from a signal that was not ours is harmless.
+            log::debug!("event loop interrupted: {e:?}");
+        }
+        loop {
+            let Some(req) = requests.borrow_mut().pop_front() else {
+                break;
+            };
+            match req {
+                Request::PowerOff => break 'run Outcome::PowerOff,
+                Request::Quit => break 'run Outcome::Quit,
+                Request::Timeout => break 'run Outcome::Timeout(cfg.timeout.unwrap_or(0)),
+                Request::Signal(n) => break 'run Outcome::Signal(n),
+                Request::Failed => {
+                    let info = backends
+                        .events
+                        .error_info
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take()
+                        .unwrap_or_else(|| "unknown vcpu failure".into());
+                    break 'run Outcome::Failed(info);
+                }
+                Request::Reset if cfg.no_reboot => break 'run Outcome::RebootRefused,
+                Request::Reset => {
+                    log::info!("guest reset: rebuilding the VM");
+                    vm.stop();
+                    backends.events.drain();
+                    requests.borrow_mut().retain(|r| *r != Request::Reset);
+                    vm = builder::build_vm(&cfg, &backends)?;
+                }
+            }
+        }
+    };
+    vm.stop();
+    backends.flush_serial();
+    drop(raw);
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(Outcome::PowerOff.exit_code(), 0);
+        assert_eq!(Outcome::RebootRefused.exit_code(), 0);
+        assert_eq!(Outcome::Quit.exit_code(), 0);
+        assert_eq!(Outcome::Timeout(5).exit_code(), 124);
+        assert_eq!(Outcome::Signal(libc::SIGTERM).exit_code(), 143);
+        assert_eq!(Outcome::Signal(libc::SIGINT).exit_code(), 130);
+        assert_eq!(Outcome::Failed("x".into()).exit_code(), 1);
+        assert!(Outcome::PowerOff.message().is_none());
+        assert!(Outcome::Signal(libc::SIGTERM)
+            .message()
+            .unwrap()
+            .contains("SIGTERM"));
+    }
+}
