@@ -42,11 +42,7 @@ impl SharedWriter {
         Self(Arc::new(Mutex::new(WriterState { out, broken: false })))
     }
 
-    fn with<T>(
-        &self,
-        len: usize,
-        f: impl FnOnce(&mut dyn Write) -> io::Result<T>,
-    ) -> io::Result<Option<T>> {
+    fn with<T>(&self, f: impl FnOnce(&mut dyn Write) -> io::Result<T>) -> io::Result<Option<T>> {
         let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if s.broken {
             return Ok(None);
@@ -56,7 +52,7 @@ impl SharedWriter {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
             Err(e) => {
                 s.broken = true;
-                log::warn!("serial output failed ({e}); discarding further guest output ({len} bytes lost now)");
+                log::warn!("serial output failed ({e}); discarding further guest output");
                 Ok(None)
             }
         }
@@ -65,10 +61,10 @@ impl SharedWriter {
 
 impl Write for SharedWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        Ok(self.with(buf.len(), |w| w.write(buf))?.unwrap_or(buf.len()))
+        Ok(self.with(|w| w.write(buf))?.unwrap_or(buf.len()))
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.with(0, |w| w.flush()).map(|_| ())
+        self.with(|w| w.flush()).map(|_| ())
     }
 }
 
