@@ -1,1 +1,175 @@
+//! Command-line behaviour: help, and every bad input a user can give is answered with
+//! one clear line and a non-zero exit, never a panic. None of this needs a guest.
 
+use minivmm_tests::{code_out_then_halt, minivmm, temp_file, tiny_elf};
+use std::process::Output;
+
+fn run(args: &[&str]) -> Output {
+    minivmm(args).output().expect("run minivmm")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a failed run whose stderr names `needle`, without a panic.
+fn assert_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "should fail; stderr: {err}");
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    assert!(!err.contains("RUST_BACKTRACE"), "panicked: {err}");
+}
+
+fn good_kernel(test: &str) -> String {
+    temp_file(test, "kernel.elf", &tiny_elf(&code_out_then_halt(0x600, 0x34)))
+        .display()
+        .to_string()
+}
+
+#[test]
+fn help_documents_every_flag() {
+    let o = run(&["--help"]);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    for flag in [
+        "--kernel", "--initrd", "--append", "--memory", "--cpus", "--serial", "--name",
+        "--uuid", "--no-reboot", "--timeout", "Ctrl-A x", "Exit status",
+    ] {
+        assert!(out.contains(flag), "--help lacks {flag}:\n{out}");
+    }
+    assert!(run(&["--version"]).status.success());
+}
+
+#[test]
+fn kernel_is_required() {
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_error(&o, "--kernel");
+}
+
+#[test]
+fn missing_kernel_is_named() {
+    assert_error(&run(&["--kernel", "/nonexistent/vmlinuz"]), "/nonexistent/vmlinuz");
+}
+
+#[test]
+fn unreadable_kernel_is_named() {
+    // A directory cannot be read as a file, even by root.
+    let dir = std::env::temp_dir();
+    let o = run(&["--kernel", dir.to_str().unwrap()]);
+    assert_error(&o, dir.to_str().unwrap());
+}
+
+#[test]
+fn non_kernel_is_rejected() {
+    let p = temp_file("nonkernel", "notes.txt", b"just some text, not a kernel\n");
+    assert_error(
+        &run(&["--kernel", p.to_str().unwrap()]),
+        "is not a Linux kernel image",
+    );
+    let empty = temp_file("nonkernel", "empty", b"");
+    assert_error(&run(&["--kernel", empty.to_str().unwrap()]), "empty");
+}
+
+#[test]
+fn missing_initrd_is_named() {
+    let k = good_kernel("initrd");
+    assert_error(
+        &run(&["--kernel", &k, "--initrd", "/nonexistent/initrd.img"]),
+        "/nonexistent/initrd.img",
+    );
+}
+
+#[test]
+fn bad_sizes_are_explained() {
+    let k = good_kernel("sizes");
+    for (size, needle) in [
+        ("lots", "not a size"),
+        ("12Q", "unknown size suffix"),
+        ("2T", "too large"),
+        ("1M", "too small"),
+    ] {
+        let o = run(&["--kernel", &k, "--memory", size]);
+        assert_eq!(o.status.code(), Some(2), "{size}");
+        assert_error(&o, needle);
+    }
+}
+
+#[test]
+fn memory_the_host_cannot_back_is_an_error() {
+    let k = good_kernel("hugemem");
+    assert_error(
+        &run(&["--kernel", &k, "--memory", "1T"]),
+        "cannot allocate 1048576 MiB of guest memory",
+    );
+}
+
+#[test]
+fn zero_and_too_many_cpus() {
+    let k = good_kernel("cpus");
+    assert_error(&run(&["--kernel", &k, "--cpus", "0"]), "at least 1 vcpu");
+    assert_error(&run(&["--kernel", &k, "--cpus", "300"]), "at most 254");
+}
+
+#[test]
+fn bad_serial_and_timeout() {
+    let k = good_kernel("serial");
+    assert_error(&run(&["--kernel", &k, "--serial", "tcp:1"]), "unknown serial backend");
+    assert_error(&run(&["--kernel", &k, "--timeout", "0"]), "at least 1 second");
+    assert_error(
+        &run(&["--kernel", &k, "--serial", "file:/nonexistent/dir/console.log"]),
+        "/nonexistent/dir/console.log",
+    );
+}
+
+#[test]
+fn missing_kvm_device_says_what_to_do() {
+    let k = good_kernel("nokvm");
+    let o = minivmm(&["--kernel", &k])
+        .env("MINIVMM_KVM_DEVICE", "/nonexistent/kvm")
+        .output()
+        .unwrap();
+    assert_error(&o, "/nonexistent/kvm does not exist");
+    assert_error(&o, "kvm-amd");
+}
+
+#[test]
+fn kvm_permission_denied_says_kvm_group() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("*** SKIPPED kvm_permission_denied_says_kvm_group: needs root to drop to another user");
+        return;
+    }
+    // A device node only root may open, opened as user `nobody`.
+    let dir = std::env::temp_dir().join(format!("minivmm-test-perm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = dir.join("kernel.elf");
+    std::fs::write(&k, tiny_elf(&code_out_then_halt(0x600, 0x34))).unwrap();
+    let dev = dir.join("kvm");
+    std::fs::write(&dev, b"").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let bin = minivmm_tests::minivmm_bin();
+    let o = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["--kernel", k.to_str().unwrap()])
+        .env("MINIVMM_KVM_DEVICE", &dev)
+        .output();
+    let o = match o {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("*** SKIPPED kvm_permission_denied_says_kvm_group: setpriv unavailable: {e}");
+            return;
+        }
+    };
+    if stderr(&o).contains("Permission denied") && stderr(&o).contains("setpriv") {
+        eprintln!("*** SKIPPED kvm_permission_denied_says_kvm_group: {}", stderr(&o));
+        return;
+    }
+    assert_error(&o, "permission denied opening");
+    assert_error(&o, "'kvm' group");
+}

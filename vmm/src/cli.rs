@@ -110,35 +110,28 @@ impl FromStr for SerialBackend {
 
 /// Parses "512M", "1G", "4096" (bytes), "64k".
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, shift) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => {
-                    return Err(format!(
-                        "'{s}': unknown size suffix '{c}' (use K, M, G or T)"
-                    ))
-                }
-            };
-            (&s[..i], shift)
+    let t = s.trim();
+    let not_a_size = || format!("'{s}' is not a size (examples: 512M, 1G, 2048M)");
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, suffix) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| not_a_size())?;
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ if suffix.chars().all(|c| c.is_ascii_alphabetic()) => {
+            return Err(format!("'{s}': unknown size suffix '{suffix}' (use K, M, G or T)"))
         }
-        _ => (s, 0),
+        _ => return Err(not_a_size()),
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (examples: 512M, 1G, 2048M)"))?;
     let bytes = n
         .checked_mul(1u64 << shift)
         .filter(|b| *b <= MAX_MEMORY)
         .ok_or_else(|| format!("'{s}' is too large (at most 1T)"))?;
     if bytes < (16 << 20) {
-        return Err(format!(
-            "'{s}' is too small: a Linux guest needs at least 16M"
-        ));
+        return Err(format!("'{s}' is too small: a Linux guest needs at least 16M"));
     }
     Ok(bytes)
 }
@@ -290,6 +283,9 @@ mod tests {
         assert_eq!(parse_size("65536k"), Ok(64 << 20));
         assert_eq!(parse_size("1T"), Ok(1 << 40));
         assert_eq!(parse_size("33554432"), Ok(32 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("lots").unwrap_err().contains("not a size"));
+        assert!(parse_size("12Q").unwrap_err().contains("unknown size suffix"));
         for bad in [
             "",
             "G",
