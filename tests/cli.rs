@@ -22,9 +22,13 @@ fn assert_error(o: &Output, needle: &str) {
 }
 
 fn good_kernel(test: &str) -> String {
-    temp_file(test, "kernel.elf", &tiny_elf(&code_out_then_halt(0x600, 0x34)))
-        .display()
-        .to_string()
+    temp_file(
+        test,
+        "kernel.elf",
+        &tiny_elf(&code_out_then_halt(0x600, 0x34)),
+    )
+    .display()
+    .to_string()
 }
 
 #[test]
@@ -33,8 +37,18 @@ fn help_documents_every_flag() {
     assert!(o.status.success());
     let out = String::from_utf8_lossy(&o.stdout);
     for flag in [
-        "--kernel", "--initrd", "--append", "--memory", "--cpus", "--serial", "--name",
-        "--uuid", "--no-reboot", "--timeout", "Ctrl-A x", "Exit status",
+        "--kernel",
+        "--initrd",
+        "--append",
+        "--memory",
+        "--cpus",
+        "--serial",
+        "--name",
+        "--uuid",
+        "--no-reboot",
+        "--timeout",
+        "Ctrl-A x",
+        "Exit status",
     ] {
         assert!(out.contains(flag), "--help lacks {flag}:\n{out}");
     }
@@ -50,7 +64,10 @@ fn kernel_is_required() {
 
 #[test]
 fn missing_kernel_is_named() {
-    assert_error(&run(&["--kernel", "/nonexistent/vmlinuz"]), "/nonexistent/vmlinuz");
+    assert_error(
+        &run(&["--kernel", "/nonexistent/vmlinuz"]),
+        "/nonexistent/vmlinuz",
+    );
 }
 
 #[test]
@@ -115,10 +132,21 @@ fn zero_and_too_many_cpus() {
 #[test]
 fn bad_serial_and_timeout() {
     let k = good_kernel("serial");
-    assert_error(&run(&["--kernel", &k, "--serial", "tcp:1"]), "unknown serial backend");
-    assert_error(&run(&["--kernel", &k, "--timeout", "0"]), "at least 1 second");
     assert_error(
-        &run(&["--kernel", &k, "--serial", "file:/nonexistent/dir/console.log"]),
+        &run(&["--kernel", &k, "--serial", "tcp:1"]),
+        "unknown serial backend",
+    );
+    assert_error(
+        &run(&["--kernel", &k, "--timeout", "0"]),
+        "at least 1 second",
+    );
+    assert_error(
+        &run(&[
+            "--kernel",
+            &k,
+            "--serial",
+            "file:/nonexistent/dir/console.log",
+        ]),
         "/nonexistent/dir/console.log",
     );
 }
@@ -138,7 +166,9 @@ fn missing_kvm_device_says_what_to_do() {
 fn kvm_permission_denied_says_kvm_group() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("*** SKIPPED kvm_permission_denied_says_kvm_group: needs root to drop to another user");
+        eprintln!(
+            "*** SKIPPED kvm_permission_denied_says_kvm_group: needs root to drop to another user"
+        );
         return;
     }
     // A device node only root may open, opened as user `nobody`.
@@ -167,7 +197,10 @@ fn kvm_permission_denied_says_kvm_group() {
         }
     };
     if stderr(&o).contains("Permission denied") && stderr(&o).contains("setpriv") {
-        eprintln!("*** SKIPPED kvm_permission_denied_says_kvm_group: {}", stderr(&o));
+        eprintln!(
+            "*** SKIPPED kvm_permission_denied_says_kvm_group: {}",
+            stderr(&o)
+        );
         return;
     }
     assert_error(&o, "permission denied opening");

@@ -83,7 +83,10 @@ fn skip_or_fail(test: &str, why: &str) -> bool {
 /// when `MINIVMM_REQUIRE_REAL_GUEST=1`, as in CI).
 pub fn real_guest_available(test: &str) -> bool {
     if !hardware_kvm() {
-        return skip_or_fail(test, "needs hardware KVM (vmx/svm in /proc/cpuinfo and /dev/kvm)");
+        return skip_or_fail(
+            test,
+            "needs hardware KVM (vmx/svm in /proc/cpuinfo and /dev/kvm)",
+        );
     }
     for f in ["vmlinuz", "vmlinux", "initrd.img"] {
         if !images_dir().join(f).exists() {

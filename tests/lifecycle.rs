@@ -25,7 +25,13 @@ fn acpi_poweroff_exits_zero_with_output_flushed() {
     if !kvm_available("acpi_poweroff_exits_zero_with_output_flushed") {
         return;
     }
-    let k = guest("poweroff", &[&code_print(b"hello from the guest\n"), &code_out_then_halt(PM_PORT, S5)]);
+    let k = guest(
+        "poweroff",
+        &[
+            &code_print(b"hello from the guest\n"),
+            &code_out_then_halt(PM_PORT, S5),
+        ],
+    );
     let mut vm = Vm::spawn(&["--kernel", &k, "--cpus", "2"]);
     let (st, err) = vm.wait_exit(LIMIT);
     assert_eq!(st.code(), Some(0), "stderr: {err}");
@@ -37,7 +43,10 @@ fn reset_register_reboots_in_the_same_process() {
     if !kvm_available("reset_register_reboots_in_the_same_process") {
         return;
     }
-    let k = guest("reset", &[&code_print(b"boot\n"), &code_out_then_halt(RESET_PORT, 1)]);
+    let k = guest(
+        "reset",
+        &[&code_print(b"boot\n"), &code_out_then_halt(RESET_PORT, 1)],
+    );
     let mut vm = Vm::spawn(&["--kernel", &k]);
     vm.wait_line(LIMIT, |l| l == "boot");
     vm.wait_line(LIMIT, |l| l == "boot");
@@ -52,7 +61,10 @@ fn i8042_reset_reboots_and_no_reboot_exits_zero() {
     if !kvm_available("i8042_reset_reboots_and_no_reboot_exits_zero") {
         return;
     }
-    let k = guest("i8042", &[&code_print(b"boot\n"), &code_out_then_halt(0x64, 0xfe)]);
+    let k = guest(
+        "i8042",
+        &[&code_print(b"boot\n"), &code_out_then_halt(0x64, 0xfe)],
+    );
     let mut vm = Vm::spawn(&["--kernel", &k, "--no-reboot"]);
     let (st, err) = vm.wait_exit(LIMIT);
     assert_eq!(st.code(), Some(0), "stderr: {err}");
@@ -91,7 +103,13 @@ fn serial_to_file_and_none() {
     if !kvm_available("serial_to_file_and_none") {
         return;
     }
-    let k = guest("serialfile", &[&code_print(b"to the file\n"), &code_out_then_halt(PM_PORT, S5)]);
+    let k = guest(
+        "serialfile",
+        &[
+            &code_print(b"to the file\n"),
+            &code_out_then_halt(PM_PORT, S5),
+        ],
+    );
     let log = temp_file("serialfile", "console.log", b"previous line\n");
     let spec = format!("file:{}", log.display());
     let mut vm = Vm::spawn(&["--kernel", &k, "--serial", &spec]);
@@ -132,7 +150,10 @@ fn kvm_failure_exits_one_with_registers() {
     // KVM cannot fetch the next instruction and reports an error.
     let k = guest(
         "kvmfail",
-        &[&code_print(b"x\n"), &[0xb8, 0x00, 0x00, 0x00, 0x30, 0xff, 0xe0]],
+        &[
+            &code_print(b"x\n"),
+            &[0xb8, 0x00, 0x00, 0x00, 0x30, 0xff, 0xe0],
+        ],
     );
     let mut vm = Vm::spawn(&["--kernel", &k, "--memory", "64M"]);
     let (st, err) = vm.wait_exit(LIMIT);

@@ -17,7 +17,7 @@ use devices::acpi_pm::{RESET_PORT, RESET_VALUE, SLEEP_CONTROL_PORT, SLEEP_STATUS
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::{Immutable, IntoBytes};
 
-use crate::layout::{ACPI_START, HIMEM_START, IOAPIC_ADDR, LAPIC_ADDR};
+use crate::layout::{ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
 
 const OEM_ID: [u8; 6] = *b"MINVMM";
 const OEM_TABLE_ID: [u8; 8] = *b"MINIVMM ";
@@ -157,7 +157,7 @@ pub fn write_tables(
     let mut place = |bytes: &[u8]| -> Result<u64, AcpiError> {
         let at = next;
         let end = at + bytes.len() as u64;
-        if end > HIMEM_START {
+        if end > ACPI_END {
             return Err(AcpiError::TooLarge(end - ACPI_START));
         }
         mem.write_slice(bytes, GuestAddress(at))?;
@@ -292,7 +292,7 @@ mod tests {
         assert_eq!(&d[..4], b"DSDT");
         assert!(d.windows(4).any(|w| w == b"COM1"));
         for a in entries.iter().chain([xsdt_addr].iter()) {
-            assert!(*a >= ACPI_START && *a < HIMEM_START);
+            assert!(*a >= ACPI_START && *a < ACPI_END);
         }
     }
 

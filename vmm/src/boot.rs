@@ -234,6 +234,27 @@ pub fn load_cmdline(
     Ok(cmdline.len())
 }
 
+/// 16-bit code for the reset vector: `mov al, RESET_VALUE; mov dx, RESET_PORT;
+/// out dx, al; hlt; jmp $-1`.
+///
+/// With hardware-reduced ACPI and no EFI, Linux reboots by returning to real mode
+/// and jumping to the BIOS reset vector. minivmm has no BIOS, so the vector holds
+/// this stub, which asks for the reset through the ACPI reset register.
+pub fn reset_vector_code() -> [u8; 9] {
+    use devices::acpi_pm::{RESET_PORT, RESET_VALUE};
+    let p = RESET_PORT.to_le_bytes();
+    [0xb0, RESET_VALUE, 0xba, p[0], p[1], 0xee, 0xf4, 0xeb, 0xfd]
+}
+
+/// Writes [`reset_vector_code`] at [`RESET_VECTOR`].
+pub fn write_reset_vector(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+    mem.write_slice(&reset_vector_code(), GuestAddress(RESET_VECTOR))
+        .map_err(|source| BootError::GuestMemory {
+            what: "reset vector",
+            source,
+        })
+}
+
 /// The E820 map for `mem_size` bytes of RAM.
 pub fn e820_map(mem_size: u64) -> Vec<boot_e820_entry> {
     let entry = |addr: u64, end: u64, r#type| boot_e820_entry {
@@ -314,6 +335,22 @@ mod tests {
             format: KernelFormat::Elf,
             setup_header: None,
         }
+    }
+
+    #[test]
+    fn reset_vector_writes_the_acpi_reset_register() {
+        let code = reset_vector_code();
+        assert!(code.len() <= 16, "fits below 1 MiB");
+        assert_eq!(&code[..2], &[0xb0, devices::acpi_pm::RESET_VALUE]);
+        assert_eq!(
+            u16::from_le_bytes([code[3], code[4]]),
+            devices::acpi_pm::RESET_PORT
+        );
+        let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
+        write_reset_vector(&mem).unwrap();
+        let mut b = [0u8; 9];
+        mem.read_slice(&mut b, GuestAddress(RESET_VECTOR)).unwrap();
+        assert_eq!(b, code);
     }
 
     #[test]

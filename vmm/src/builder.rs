@@ -331,6 +331,7 @@ pub fn build_vm(cfg: &VmConfig, b: &Backends) -> Result<Vm, BuildError> {
         },
     )?;
     cpu::write_boot_structures(&mem)?;
+    boot::write_reset_vector(&mem)?;
 
     let mut fds = Vec::with_capacity(cfg.cpus as usize);
     for id in 0..cfg.cpus {

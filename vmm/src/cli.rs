@@ -122,7 +122,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
         _ if suffix.chars().all(|c| c.is_ascii_alphabetic()) => {
-            return Err(format!("'{s}': unknown size suffix '{suffix}' (use K, M, G or T)"))
+            return Err(format!(
+                "'{s}': unknown size suffix '{suffix}' (use K, M, G or T)"
+            ))
         }
         _ => return Err(not_a_size()),
     };
@@ -131,7 +133,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .filter(|b| *b <= MAX_MEMORY)
         .ok_or_else(|| format!("'{s}' is too large (at most 1T)"))?;
     if bytes < (16 << 20) {
-        return Err(format!("'{s}' is too small: a Linux guest needs at least 16M"));
+        return Err(format!(
+            "'{s}' is too small: a Linux guest needs at least 16M"
+        ));
     }
     Ok(bytes)
 }
@@ -285,7 +289,9 @@ mod tests {
         assert_eq!(parse_size("33554432"), Ok(32 << 20));
         assert_eq!(parse_size("2GiB"), Ok(2 << 30));
         assert!(parse_size("lots").unwrap_err().contains("not a size"));
-        assert!(parse_size("12Q").unwrap_err().contains("unknown size suffix"));
+        assert!(parse_size("12Q")
+            .unwrap_err()
+            .contains("unknown size suffix"));
         for bad in [
             "",
             "G",

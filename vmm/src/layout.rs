@@ -8,6 +8,7 @@
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  EBDA (reserved up to 0xa0000)
 //! 0x000e_0000  ACPI tables: RSDP first, where Linux scans for it (reserved)
+//! 0x000f_fff0  reset vector: a stub that writes the ACPI reset register
 //! 0x0010_0000  kernel (bzImage protected-mode part; ELF loads at its own address)
 //!   ...        RAM up to min(size, 3 GiB); initrd at the top of it
 //! 0xc000_0000  32-bit MMIO hole: devices, IOAPIC (0xfec0_0000), LAPIC (0xfee0_0000)
@@ -34,6 +35,10 @@ pub const CMDLINE_MAX_SIZE: usize = 4096;
 pub const EBDA_START: u64 = 0x9fc00;
 /// First address of the (reserved) area holding the ACPI tables.
 pub const ACPI_START: u64 = 0xe0000;
+/// End (exclusive) of the area the ACPI tables may use.
+pub const ACPI_END: u64 = 0xf0000;
+/// The x86 reset vector (`F000:FFF0`), where a guest's "BIOS reboot" jumps.
+pub const RESET_VECTOR: u64 = 0xffff0;
 /// End of the legacy area; ordinary RAM resumes here.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole: RAM stops here and continues at 4 GiB.
