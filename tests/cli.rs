@@ -192,7 +192,9 @@ fn kvm_permission_denied_says_kvm_group() {
     let o = match o {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("*** SKIPPED kvm_permission_denied_says_kvm_group: setpriv unavailable: {e}");
+            minivmm_tests::loud(&format!(
+                "*** SKIPPED kvm_permission_denied_says_kvm_group: setpriv unavailable: {e}"
+            ));
             return;
         }
     };

@@ -73,10 +73,15 @@ fn skip_or_fail(test: &str, why: &str) -> bool {
     if std::env::var("MINIVMM_REQUIRE_REAL_GUEST").as_deref() == Ok("1") {
         panic!("{test}: cannot run: {why} (MINIVMM_REQUIRE_REAL_GUEST=1)");
     }
-    eprintln!(
-        "\n*** SKIPPED {test}: {why}.\n*** Real-guest tests run through resources/nested-run.sh (see README).\n"
-    );
+    loud(&format!(
+        "*** SKIPPED {test}: {why}.\n*** Real-guest tests run through resources/run-tests.sh, nested where needed (see README)."
+    ));
     false
+}
+
+/// Writes straight to stderr, past libtest's output capture, so skips are seen.
+pub fn loud(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "\n{msg}\n");
 }
 
 /// Whether a real Linux guest can be booted here; if not, says so loudly (or fails
@@ -110,7 +115,7 @@ pub fn kvm_available(test: &str) -> bool {
     if std::env::var("MINIVMM_REQUIRE_KVM").as_deref() == Ok("1") {
         panic!("{test}: /dev/kvm cannot be opened (MINIVMM_REQUIRE_KVM=1)");
     }
-    eprintln!("\n*** SKIPPED {test}: /dev/kvm cannot be opened.\n");
+    loud(&format!("*** SKIPPED {test}: /dev/kvm cannot be opened."));
     false
 }
 
@@ -240,9 +245,8 @@ impl Vm {
             }
             // Console lines arriving meanwhile are kept; the receive doubles as the
             // poll interval for the exit status.
-            match self.lines.recv_timeout(Duration::from_millis(50)) {
-                Ok(l) => self.seen.push(l),
-                Err(_) => {}
+            if let Ok(l) = self.lines.recv_timeout(Duration::from_millis(50)) {
+                self.seen.push(l);
             }
             if Instant::now() > deadline {
                 self.kill();

@@ -410,8 +410,10 @@ mod tests {
 
     #[test]
     fn initrd_respects_initrd_addr_max() {
-        let mut hdr = setup_header::default();
-        hdr.initrd_addr_max = 0x7fff_ffff;
+        let hdr = setup_header {
+            initrd_addr_max: 0x7fff_ffff,
+            ..Default::default()
+        };
         let k = LoadedKernel {
             setup_header: Some(hdr),
             ..elf_kernel()
@@ -448,9 +450,11 @@ mod tests {
 
     #[test]
     fn bzimage_header_is_kept() {
-        let mut hdr = setup_header::default();
-        hdr.version = 0x20f;
-        hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+        let hdr = setup_header {
+            version: 0x20f,
+            boot_flag: KERNEL_BOOT_FLAG_MAGIC,
+            ..Default::default()
+        };
         let info = BootInfo {
             kernel: LoadedKernel {
                 setup_header: Some(hdr),

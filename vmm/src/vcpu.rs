@@ -34,9 +34,11 @@ extern "C" fn handle_kick(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void)
     let run = KVM_RUN.with(|r| r.get());
     if !run.is_null() {
         // SAFETY: `run` is this thread's mapped `kvm_run`, published by the vcpu loop
-        // while its `VcpuFd` is alive and cleared before it is dropped; a volatile
-        // byte store is async-signal-safe.
-        unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).immediate_exit), 1) };
+        // while its `VcpuFd` is alive and cleared before it is dropped.
+        let field = unsafe { ptr::addr_of_mut!((*run).immediate_exit) };
+        // SAFETY: `field` points into that live mapping; a volatile byte store is
+        // async-signal-safe.
+        unsafe { ptr::write_volatile(field, 1) };
     }
 }
 

@@ -322,7 +322,7 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
     let backends = Backends::new(&cfg)?;
 
     let requests: Requests = Rc::new(RefCell::new(VecDeque::new()));
-    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber>>>::new()
+    let mut em = EventManager::<Box<dyn MutEventSubscriber>>::new()
         .map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
     let timer = match cfg.timeout {
         Some(secs) => {
@@ -333,12 +333,12 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
         }
         None => None,
     };
-    em.add_subscriber(Arc::new(Mutex::new(Controller {
+    em.add_subscriber(Box::new(Controller {
         events: backends.events.clone(),
         signals,
         timer,
         requests: requests.clone(),
-    })));
+    }));
 
     let interactive = cfg.serial == SerialBackend::Stdio && stdin_is_usable();
     let raw = if interactive {
@@ -347,7 +347,7 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
         None
     };
     if interactive {
-        em.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
+        em.add_subscriber(Box::new(ConsoleInput {
             serial: backends.serial.clone(),
             ready: backends
                 .serial_input_ready
@@ -358,7 +358,7 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
             stdin_watched: false,
             stdin_eof: false,
             requests: requests.clone(),
-        })));
+        }));
     }
 
     let mut vm = builder::build_vm(&cfg, &backends)?;

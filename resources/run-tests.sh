@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The project's test command: every test, real-guest tests included.
+#
+# Usage: resources/run-tests.sh
+#
+# 1. builds the guest images (resources/build-images.sh; cached);
+# 2. with hardware KVM (vmx/svm): `cargo test --workspace` runs everything: unit
+#    tests, CLI tests, lifecycle tests with hand-made guests, real-guest tests;
+# 3. without it (e.g. a PVM host): the same tests but the real-guest ones run
+#    directly, and the real-guest test binary runs inside the nested runner's L1
+#    VM (resources/nested-run.sh). Real-guest tests are run with
+#    MINIVMM_REQUIRE_REAL_GUEST=1, so they fail rather than skip.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+hardware_kvm() { grep -qwE 'vmx|svm' /proc/cpuinfo && [[ -e /dev/kvm ]]; }
+
+resources/build-images.sh
+
+# Build the binary the integration tests spawn, and every test binary.
+cargo build --workspace --all-targets
+
+if hardware_kvm; then
+    echo "run-tests: hardware KVM present: real-guest tests run directly"
+    MINIVMM_REQUIRE_REAL_GUEST=1 cargo test --workspace
+    exit 0
+fi
+
+echo "run-tests: no hardware virtualization here: real-guest tests run nested, the rest directly"
+cargo test --workspace --exclude minivmm-tests
+cargo test -p minivmm-tests --lib --test cli --test lifecycle
+
+real_guest=$(cargo test -p minivmm-tests --test real_guest --no-run --message-format=json 2>/dev/null |
+    sed -n 's/.*"executable":"\([^"]*real_guest[^"]*\)".*/\1/p' | tail -n 1)
+[[ -x "$real_guest" ]] || { echo "run-tests: cannot find the real_guest test binary" >&2; exit 1; }
+
+echo "run-tests: running $real_guest inside the nested runner"
+MINIVMM_REQUIRE_REAL_GUEST=1 resources/nested-run.sh "$real_guest" --test-threads=2
