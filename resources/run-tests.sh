@@ -36,4 +36,4 @@ real_guest=$(cargo test -p minivmm-tests --test real_guest --no-run --message-fo
 [[ -x "$real_guest" ]] || { echo "run-tests: cannot find the real_guest test binary" >&2; exit 1; }
 
 echo "run-tests: running $real_guest inside the nested runner"
-MINIVMM_REQUIRE_REAL_GUEST=1 resources/nested-run.sh "$real_guest" --test-threads=2
+MINIVMM_REQUIRE_REAL_GUEST=1 resources/nested-run.sh "$real_guest" --test-threads=2 --color=never
