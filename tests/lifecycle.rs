@@ -162,3 +162,110 @@ fn kvm_failure_exits_one_with_registers() {
     assert!(err.contains("the VM failed"), "{err}");
     assert!(err.contains("rip="), "registers shown: {err}");
 }
+
+/// A pseudo-terminal pair for console tests.
+struct Pty {
+    master: std::fs::File,
+    slave: std::fs::File,
+}
+
+fn open_pty() -> Pty {
+    use std::os::fd::FromRawFd;
+    let (mut m, mut s) = (0, 0);
+    // SAFETY: openpty writes two descriptors into `m` and `s`; the other arguments
+    // may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut m,
+            &mut s,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are new and owned by nobody else.
+    unsafe {
+        Pty {
+            master: std::fs::File::from_raw_fd(m),
+            slave: std::fs::File::from_raw_fd(s),
+        }
+    }
+}
+
+fn lflag(f: &std::fs::File) -> libc::tcflag_t {
+    use std::os::fd::AsRawFd;
+    // SAFETY: termios is plain data; tcgetattr fills it.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor and termios pointer.
+    assert_eq!(unsafe { libc::tcgetattr(f.as_raw_fd(), &mut t) }, 0);
+    t.c_lflag
+}
+
+#[test]
+fn terminal_console_raw_mode_escape_keys_and_restore() {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    if !kvm_available("terminal_console_raw_mode_escape_keys_and_restore") {
+        return;
+    }
+    let k = guest("pty", &[&code_print(b"guest-up\n"), &CODE_SPIN]);
+    let mut pty = open_pty();
+    let canon = libc::ICANON | libc::ECHO;
+    assert_eq!(lflag(&pty.slave) & canon, canon, "a new pty starts cooked");
+    let mut child = minivmm_tests::minivmm(&["--kernel", &k])
+        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stderr(Stdio::from(pty.slave.try_clone().unwrap()))
+        .spawn()
+        .unwrap();
+    // Read the terminal until `needle` appears.
+    let mut seen = Vec::new();
+    let mut read_until = |master: &mut std::fs::File, needle: &str| {
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains(needle) {
+            let n = master.read(&mut buf).expect("read pty");
+            assert!(
+                n > 0,
+                "pty closed; saw {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+    };
+    read_until(&mut pty.master, "guest-up");
+    assert_eq!(lflag(&pty.slave) & canon, 0, "raw mode while the VM runs");
+    pty.master.write_all(b"\x01h").unwrap();
+    read_until(&mut pty.master, "Ctrl-A x");
+    pty.master.write_all(b"\x01x").unwrap();
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(0));
+    assert_eq!(
+        lflag(&pty.slave) & canon,
+        canon,
+        "terminal restored on exit"
+    );
+
+    // Restored on a signal too.
+    let mut child = minivmm_tests::minivmm(&["--kernel", &k])
+        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stderr(Stdio::from(pty.slave.try_clone().unwrap()))
+        .spawn()
+        .unwrap();
+    seen.clear();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("guest-up") {
+        let n = pty.master.read(&mut buf).expect("read pty");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(lflag(&pty.slave) & canon, 0);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(143));
+    assert_eq!(
+        lflag(&pty.slave) & canon,
+        canon,
+        "terminal restored after SIGTERM"
+    );
+}
