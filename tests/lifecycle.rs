@@ -184,13 +184,11 @@ fn open_pty() -> Pty {
         )
     };
     assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: both descriptors are new and owned by nobody else.
-    unsafe {
-        Pty {
-            master: std::fs::File::from_raw_fd(m),
-            slave: std::fs::File::from_raw_fd(s),
-        }
-    }
+    // SAFETY: `m` is a new descriptor owned by nobody else.
+    let master = unsafe { std::fs::File::from_raw_fd(m) };
+    // SAFETY: likewise for `s`.
+    let slave = unsafe { std::fs::File::from_raw_fd(s) };
+    Pty { master, slave }
 }
 
 fn lflag(f: &std::fs::File) -> libc::tcflag_t {
