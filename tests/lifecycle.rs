@@ -211,12 +211,16 @@ fn terminal_console_raw_mode_escape_keys_and_restore() {
     let mut pty = open_pty();
     let canon = libc::ICANON | libc::ECHO;
     assert_eq!(lflag(&pty.slave) & canon, canon, "a new pty starts cooked");
-    let mut child = minivmm_tests::minivmm(&["--kernel", &k])
-        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
-        .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
-        .stderr(Stdio::from(pty.slave.try_clone().unwrap()))
-        .spawn()
-        .unwrap();
+    let spawn_on_pty = |slave: &std::fs::File| {
+        let io = || Stdio::from(slave.try_clone().unwrap());
+        minivmm_tests::minivmm(&["--kernel", &k])
+            .stdin(io())
+            .stdout(io())
+            .stderr(io())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = spawn_on_pty(&pty.slave);
     // Read the terminal until `needle` appears.
     let mut seen = Vec::new();
     let mut read_until = |master: &mut std::fs::File, needle: &str| {
@@ -245,12 +249,7 @@ fn terminal_console_raw_mode_escape_keys_and_restore() {
     );
 
     // Restored on a signal too.
-    let mut child = minivmm_tests::minivmm(&["--kernel", &k])
-        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
-        .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
-        .stderr(Stdio::from(pty.slave.try_clone().unwrap()))
-        .spawn()
-        .unwrap();
+    let mut child = spawn_on_pty(&pty.slave);
     seen.clear();
     let mut buf = [0u8; 256];
     while !String::from_utf8_lossy(&seen).contains("guest-up") {
