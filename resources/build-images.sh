@@ -245,12 +245,14 @@ fail() {
 
 workdir=
 rw=
+keep=
 read -r cmdline </proc/cmdline
 set -f
 for arg in $cmdline; do
     case "$arg" in
     minivmm.workdir=*) workdir=${arg#minivmm.workdir=} ;;
     minivmm.rw=*) rw=${arg#minivmm.rw=} ;;
+    minivmm.keep=*) keep=${arg#minivmm.keep=} ;;
     esac
 done
 set +f
@@ -270,8 +272,18 @@ mount -t sysfs sysfs /host/sys || fail "mount /host/sys"
 mount -t devtmpfs devtmpfs /host/dev || fail "mount /host/dev"
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /host/dev/pts 2>/dev/null
 mount -t tmpfs -o mode=1777 tmpfs /host/dev/shm 2>/dev/null
+# A second view of the host root, to bring back host dirs (the caller's repo)
+# that the fresh tmpfs on /tmp or /run below would hide.
+mkdir -p /orig
+mount -o bind /host /orig || fail "bind-mount the host root"
 mount -t tmpfs -o mode=1777 tmpfs /host/tmp || fail "mount /host/tmp"
 mount -t tmpfs -o mode=755 tmpfs /host/run 2>/dev/null
+IFS_SAVE=$IFS
+IFS=,
+for p in $keep; do
+    mkdir -p "/host$p" && mount -o bind "/orig$p" "/host$p" || fail "cannot keep $p visible"
+done
+IFS=$IFS_SAVE
 [ -n "$workdir" ] || fail "no minivmm.workdir= on the kernel command line"
 i=0
 IFS_SAVE=$IFS

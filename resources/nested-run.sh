@@ -69,10 +69,19 @@ cpus=${MINIVMM_L1_CPUS:-2}
 [[ "$cpus" =~ ^[0-9]+$ ]] || die "MINIVMM_L1_CPUS must be a number, got '$cpus'"
 
 cwd=$(pwd -P)
-case "$cwd/" in
-    /tmp/* | /run/* | /dev/shm/* | /proc/* | /sys/*)
-        log "warning: cwd $cwd is hidden by a fresh mount inside L1; the command may fail" ;;
-esac
+# L1 mounts fresh tmpfs on /tmp and /run; host dirs under them that the command
+# needs (the repo, the cwd) are bind-mounted back inside L1.
+keep_list=
+for d in "$REPO" "$cwd"; do
+    case "$d/" in
+        /tmp/* | /run/*)
+            [[ "$d" =~ ^[A-Za-z0-9/._+-]+$ ]] ||
+                die "path '$d' has characters unsafe for the kernel command line"
+            keep_list+="${keep_list:+,}$d" ;;
+        /dev/shm/* | /proc/* | /sys/*)
+            log "warning: $d is hidden by a fresh mount inside L1; the command may fail" ;;
+    esac
+done
 
 mkdir -p "$REPO/target"
 work=$(mktemp -d "$REPO/target/nested-XXXXXX") || die "cannot create a work dir in $REPO/target"
@@ -146,6 +155,7 @@ chmod 0755 "$work/cmd.sh"
 # ------------------------------------------------------------- boot L1 -----
 append="console=ttyS0 panic=-1 quiet loglevel=3 minivmm.workdir=$work"
 [[ -n "$rw_list" ]] && append+=" minivmm.rw=$rw_list"
+[[ -n "$keep_list" ]] && append+=" minivmm.keep=$keep_list"
 
 # EPYC with svm+npt; features TCG cannot emulate are dropped explicitly (it
 # would drop them anyway, with a warning each).
