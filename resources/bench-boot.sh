@@ -17,13 +17,16 @@ fi
 
 for i in $(seq "$runs"); do
     start=$(date +%s%N)
-    banner=""
-    while IFS= read -r line; do
-        if [[ -z "$banner" && "$line" == *MINIVMM-BANNER* ]]; then
-            banner=$(( ($(date +%s%N) - start) / 1000000 ))
-        fi
-    done < <(target/release/minivmm --kernel "$IMAGES/vmlinuz" --initrd "$IMAGES/initrd.img" \
-        --append "console=ttyS0 quiet minivmm.action=poweroff" --memory 512M --cpus 1 </dev/null)
-    total=$(( ($(date +%s%N) - start) / 1000000 ))
-    echo "bench-boot: run $i: banner after ${banner:-?} ms, exit after ${total} ms"
+    target/release/minivmm --kernel "$IMAGES/vmlinuz" --initrd "$IMAGES/initrd.img" \
+        --append "console=ttyS0 quiet minivmm.action=poweroff" --memory 512M --cpus 1 </dev/null |
+        {
+            banner=""
+            while IFS= read -r line; do
+                if [[ -z "$banner" && "$line" == *MINIVMM-BANNER* ]]; then
+                    banner=$(( ($(date +%s%N) - start) / 1000000 ))
+                fi
+            done
+            total=$(( ($(date +%s%N) - start) / 1000000 ))
+            echo "bench-boot: run $i: banner after ${banner:-?} ms, exit after ${total} ms"
+        }
 done
