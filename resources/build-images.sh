@@ -7,7 +7,8 @@
 #   vmlinuz         Debian cloud kernel (bzImage), from the package that
 #                   linux-image-cloud-amd64 depends on
 #   vmlinux         the same kernel, decompressed to an uncompressed ELF
-#   initrd.img      gzip'd newc cpio: static busybox + /init (see README.md)
+#   initrd.img      gzip'd newc cpio: static busybox + /init + acpid config +
+#                   power button/pvpanic modules (see README.md)
 #   l1/vmlinuz      Debian generic kernel (what linux-image-amd64 depends on),
 #                   used as the L1 VM kernel by resources/nested-run.sh
 #   l1/initrd.img   busybox + virtio/9p/kvm modules + the L1 /init
@@ -26,6 +27,12 @@ OUT=${MINIVMM_IMAGES:-$REPO/target/images}
 # Modules loaded (in this order) by the L1 initrd.
 L1_MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev
     virtio_pci netfs fscache 9pnet 9pnet_virtio 9p irqbypass ccp kvm kvm-amd)
+
+# Modules loaded (in this order) by the test guest's /init: the ACPI power
+# button (button + evdev, for acpid) and pvpanic-mmio (the ACPI QEMU0001
+# driver; it needs the pvpanic core module, which is a module in the cloud
+# kernel despite CONFIG_PVPANIC=y).
+GUEST_MODULES=(evdev button pvpanic pvpanic-mmio)
 
 log() { printf 'build-images: %s\n' "$*" >&2; }
 die() { printf 'build-images: error: %s\n' "$*" >&2; exit 1; }
@@ -184,14 +191,12 @@ write_guest_init() {
     cat >"$1" <<'EOF'
 #!/bin/sh
 # minivmm test guest init. Kernel command line contract:
-#   minivmm.action=poweroff (default) | reboot | hang | shell
+#   minivmm.action=poweroff (default) | reboot | hang | wait | panic | shell
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 read -r cmdline </proc/cmdline
-memkb=$(awk '$1 == "MemTotal:" { print $2 }' /proc/meminfo)
-echo "MINIVMM-BANNER release=$(uname -r) nproc=$(nproc) memtotal_kb=$memkb cmdline=$cmdline"
 action=poweroff
 set -f
 for arg in $cmdline; do
@@ -200,6 +205,16 @@ for arg in $cmdline; do
     esac
 done
 set +f
+# Power button (ACPI button -> evdev -> acpid -> /etc/acpi/poweroff) and
+# pvpanic (ACPI QEMU0001). Failures are silent except on the shell path.
+err=/dev/null
+[ "$action" = shell ] && err=/dev/console
+for m in $(cat /etc/minivmm-modules); do
+    insmod "/lib/modules/$m.ko" 2>>"$err"
+done
+acpid -d -c /etc/acpi -a /etc/acpid.conf >/dev/null 2>&1 &
+memkb=$(awk '$1 == "MemTotal:" { print $2 }' /proc/meminfo)
+echo "MINIVMM-BANNER release=$(uname -r) nproc=$(nproc) memtotal_kb=$memkb cmdline=$cmdline"
 case "$action" in
 shell)
     echo "minivmm: type 'poweroff -f' to stop the VM"
@@ -207,7 +222,12 @@ shell)
     poweroff -f
     ;;
 reboot) reboot -f ;;
-hang) while :; do sleep 3600; done ;;
+hang | wait) while :; do sleep 3600; done ;;
+panic)
+    echo 1 >/proc/sys/kernel/sysrq
+    echo c >/proc/sysrq-trigger
+    echo "minivmm: sysrq crash failed"
+    ;;
 poweroff) poweroff -f ;;
 *)
     echo "minivmm: unknown minivmm.action=$action, powering off"
@@ -218,6 +238,18 @@ esac
 while :; do sleep 3600; done
 EOF
     chmod 0755 "$1"
+}
+
+# write_guest_acpid ROOT: busybox acpid config. acpid maps the KEY_POWER
+# input event to "button/power PWRF ..." (its built-in map), looks the first
+# -a key contained in that up ("PWRF" -> "poweroff") and runs ./poweroff in
+# its -c dir.
+write_guest_acpid() {
+    local root=$1
+    mkdir -p "$root/etc/acpi"
+    printf 'PWRF poweroff\n' >"$root/etc/acpid.conf"
+    printf '#!/bin/sh\nexec /bin/busybox poweroff -f\n' >"$root/etc/acpi/poweroff"
+    chmod 0755 "$root/etc/acpi/poweroff"
 }
 
 write_l1_init() {
@@ -318,6 +350,38 @@ find_module() {
         -regex ".*/${pat}\.ko(\.xz|\.zst|\.gz)?" | head -n1
 }
 
+# install_module SRC DST: copy a module, decompressing .ko.{xz,zst,gz}.
+install_module() {
+    local src=$1 dst=$2
+    case "$src" in
+        *.ko.xz) xz -dc "$src" >"$dst" ;;
+        *.ko.zst) zstd -qdc "$src" >"$dst" ;;
+        *.ko.gz) gzip -dc "$src" >"$dst" ;;
+        *) cp "$src" "$dst" ;;
+    esac || die "cannot install module $src"
+}
+
+# build_guest_initrd ROOT KDIR VER OUT: the test initrd (busybox, /init,
+# acpid config and GUEST_MODULES from the guest kernel package).
+build_guest_initrd() {
+    local root=$1 kdir=$2 ver=$3 out=$4 m f
+    populate_busybox "$root"
+    mkdir -p "$root/lib/modules"
+    : >"$root/etc/minivmm-modules"
+    for m in "${GUEST_MODULES[@]}"; do
+        f=$(find_module "$kdir/lib/modules/$ver" "$m")
+        if [[ -z "$f" ]]; then
+            log "guest: warning: module $m not found in $ver, skipping"
+            continue
+        fi
+        install_module "$f" "$root/lib/modules/$m.ko"
+        printf '%s\n' "$m" >>"$root/etc/minivmm-modules"
+    done
+    write_guest_acpid "$root"
+    write_guest_init "$root/init"
+    make_cpio "$root" "$out"
+}
+
 build_l1_initrd() {
     local root=$1 kdir=$2 ver=$3 out=$4 m f name deps d builtin
     populate_busybox "$root"
@@ -335,12 +399,7 @@ build_l1_initrd() {
             continue
         fi
         name=$m
-        case "$f" in
-            *.ko.xz) xz -dc "$f" >"$root/lib/modules/$name.ko" ;;
-            *.ko.zst) zstd -qdc "$f" >"$root/lib/modules/$name.ko" ;;
-            *.ko.gz) gzip -dc "$f" >"$root/lib/modules/$name.ko" ;;
-            *) cp "$f" "$root/lib/modules/$name.ko" ;;
-        esac
+        install_module "$f" "$root/lib/modules/$name.ko"
         # Warn if a dependency is not in the list (it would fail to load).
         deps=$(modinfo -F depends "$root/lib/modules/$name.ko" 2>/dev/null | tr ',' ' ') || true
         for d in $deps; do
@@ -377,9 +436,7 @@ extract_vmlinux "$OUT/vmlinuz" "$OUT/vmlinux"
 
 # Guest initrd.
 rm -rf "$WORK/initrd"
-populate_busybox "$WORK/initrd"
-write_guest_init "$WORK/initrd/init"
-make_cpio "$WORK/initrd" "$OUT/initrd.img"
+build_guest_initrd "$WORK/initrd" "$WORK/cloud" "$cloud_ver" "$OUT/initrd.img"
 
 # L1 kernel + initrd for nested-run.sh.
 cp "$WORK/generic/boot/vmlinuz-$generic_ver" "$OUT/l1/vmlinuz.tmp"
