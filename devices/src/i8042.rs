@@ -50,22 +50,24 @@ pub struct I8042Aml;
 
 impl Aml for I8042Aml {
     fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
-        aml::Device::new(
-            "PS2K".into(),
-            vec![
-                &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303")),
-                &aml::Method::new("_STA".into(), 0, false, vec![&aml::Return::new(&0x0fu8)]),
-                &aml::Name::new(
-                    "_CRS".into(),
-                    &aml::ResourceTemplate::new(vec![
-                        &aml::IO::new(I8042_DATA_PORT, I8042_DATA_PORT, 1, 1),
-                        &aml::IO::new(I8042_COMMAND_PORT, I8042_COMMAND_PORT, 1, 1),
-                        &aml::Interrupt::new(true, true, false, false, I8042_IRQ),
-                    ]),
-                ),
-            ],
-        )
-        .to_aml_bytes(sink);
+        crate::aml_in_system_bus(
+            &aml::Device::new(
+                "PS2K".into(),
+                vec![
+                    &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303")),
+                    &aml::Method::new("_STA".into(), 0, false, vec![&aml::Return::new(&0x0fu8)]),
+                    &aml::Name::new(
+                        "_CRS".into(),
+                        &aml::ResourceTemplate::new(vec![
+                            &aml::IO::new(I8042_DATA_PORT, I8042_DATA_PORT, 1, 1),
+                            &aml::IO::new(I8042_COMMAND_PORT, I8042_COMMAND_PORT, 1, 1),
+                            &aml::Interrupt::new(true, true, false, false, I8042_IRQ),
+                        ]),
+                    ),
+                ],
+            ),
+            sink,
+        );
     }
 }
 

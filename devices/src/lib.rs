@@ -8,6 +8,8 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod i8042;
+pub mod power_button;
+pub mod pvpanic;
 pub mod serial;
 
 use std::io;
@@ -15,6 +17,13 @@ use std::io;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use acpi_tables::{Aml, AmlSink};
+
+/// Emits `dev` inside `Scope (\_SB)`, where the devices of the DSDT live.
+pub fn aml_in_system_bus(dev: &dyn Aml, sink: &mut dyn AmlSink) {
+    let mut bytes = Vec::new();
+    dev.to_aml_bytes(&mut bytes);
+    sink.vec(&acpi_tables::aml::Scope::raw("\\_SB_".into(), bytes));
+}
 
 /// A [`vm_superio::Trigger`] backed by an [`EventFd`]: used both for interrupt lines
 /// (registered as KVM irqfds) and for lifecycle requests sent to the VMM thread.

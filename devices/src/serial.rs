@@ -139,21 +139,23 @@ pub struct SerialAml;
 
 impl Aml for SerialAml {
     fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
-        aml::Device::new(
-            "COM1".into(),
-            vec![
-                &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
-                &aml::Name::new("_UID".into(), &aml::ZERO),
-                &aml::Name::new(
-                    "_CRS".into(),
-                    &aml::ResourceTemplate::new(vec![
-                        &aml::IO::new(COM1_PORT, COM1_PORT, 1, COM1_PORT_LEN as u8),
-                        &aml::Interrupt::new(true, true, false, false, COM1_IRQ),
-                    ]),
-                ),
-            ],
-        )
-        .to_aml_bytes(sink);
+        crate::aml_in_system_bus(
+            &aml::Device::new(
+                "COM1".into(),
+                vec![
+                    &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+                    &aml::Name::new("_UID".into(), &aml::ZERO),
+                    &aml::Name::new(
+                        "_CRS".into(),
+                        &aml::ResourceTemplate::new(vec![
+                            &aml::IO::new(COM1_PORT, COM1_PORT, 1, COM1_PORT_LEN as u8),
+                            &aml::Interrupt::new(true, true, false, false, COM1_IRQ),
+                        ]),
+                    ),
+                ],
+            ),
+            sink,
+        );
     }
 }
 

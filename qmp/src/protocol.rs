@@ -169,9 +169,7 @@ impl ArgType {
             ArgType::Int => v.is_i64() || v.is_u64(),
             ArgType::Str => v.is_string(),
             ArgType::Bool => v.is_boolean(),
-            ArgType::StrList => v
-                .as_array()
-                .is_some_and(|a| a.iter().all(Value::is_string)),
+            ArgType::StrList => v.as_array().is_some_and(|a| a.iter().all(Value::is_string)),
             ArgType::Any => true,
         }
     }
@@ -274,12 +272,7 @@ pub fn parse_request(v: Value) -> Result<Request, (QmpError, Option<Value>)> {
     let args = match m.remove("arguments") {
         None => Map::new(),
         Some(Value::Object(a)) => a,
-        Some(_) => {
-            return fail(
-                "QMP input member 'arguments' must be an object".into(),
-                id,
-            )
-        }
+        Some(_) => return fail("QMP input member 'arguments' must be an object".into(), id),
     };
     if let Some(k) = m.keys().next() {
         return fail(format!("QMP input member '{k}' is unexpected"), id);
@@ -318,7 +311,10 @@ mod tests {
             "{\"id\": 1, \"error\": {\"class\": \"GenericError\", \"desc\": \"The command query-status does not support OOB\"}}\r\n"
         );
         assert_eq!(
-            wire(&reply(&Ok(json!({"x": [1, 2]})), Some(&json!({"a": [1, 2]})))),
+            wire(&reply(
+                &Ok(json!({"x": [1, 2]})),
+                Some(&json!({"a": [1, 2]}))
+            )),
             "{\"return\": {\"x\": [1, 2]}, \"id\": {\"a\": [1, 2]}}\r\n"
         );
     }
@@ -354,9 +350,18 @@ mod tests {
     #[test]
     fn request_shapes_like_qemu() {
         let e = |v: Value| parse_request(v).unwrap_err();
-        assert_eq!(e(json!([1, 2, 3])).0.desc, "QMP input must be a JSON object");
-        assert_eq!(e(json!("just a string")).0.desc, "QMP input must be a JSON object");
-        assert_eq!(e(json!({"arguments": {}})).0.desc, "QMP input lacks member 'execute'");
+        assert_eq!(
+            e(json!([1, 2, 3])).0.desc,
+            "QMP input must be a JSON object"
+        );
+        assert_eq!(
+            e(json!("just a string")).0.desc,
+            "QMP input must be a JSON object"
+        );
+        assert_eq!(
+            e(json!({"arguments": {}})).0.desc,
+            "QMP input lacks member 'execute'"
+        );
         assert_eq!(
             e(json!({"execute": 42, "id": 7})),
             (
@@ -397,7 +402,9 @@ mod tests {
             "Parameter 'index' is missing"
         );
         assert_eq!(
-            check_args(&CPU, &args(json!({"index": "x"}))).unwrap_err().desc,
+            check_args(&CPU, &args(json!({"index": "x"})))
+                .unwrap_err()
+                .desc,
             "Invalid parameter type for 'index', expected: integer"
         );
         assert_eq!(

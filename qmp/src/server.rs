@@ -51,7 +51,9 @@ impl FromStr for Endpoint {
                 .rsplit_once(':')
                 .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
             if !ok {
-                return Err(format!("'{s}': expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:4444"));
+                return Err(format!(
+                    "'{s}': expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:4444"
+                ));
             }
             return Ok(Endpoint::Tcp(hp.to_string()));
         }
@@ -330,7 +332,7 @@ impl QmpServer {
     /// Executes queued input in arrival order.
     pub fn dispatch(&mut self, handler: &mut dyn Handler) {
         while let Some((fd, item)) = self.inbox.pop_front() {
-            if !self.clients.get(&fd).is_some_and(|c| !c.dead) {
+            if self.clients.get(&fd).is_none_or(|c| c.dead) {
                 continue;
             }
             let mut events = Vec::new();
@@ -379,7 +381,11 @@ impl QmpServer {
                 args: CAPABILITIES_ARGS,
             })
         } else {
-            handler.commands().iter().find(|c| c.name == req.name).copied()
+            handler
+                .commands()
+                .iter()
+                .find(|c| c.name == req.name)
+                .copied()
         };
         if !negotiated && !is_caps {
             return Err(QmpError::not_found(
@@ -539,7 +545,11 @@ impl QmpServer {
                     self.inbox.push_back((fd, item));
                 }
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
             Err(e) => {
                 log::debug!("QMP client {}: read: {e}", c.name);
                 c.dead = true;
@@ -550,7 +560,10 @@ impl QmpServer {
 
 fn unreachable_reply() -> Value {
     // Oversized input never reaches the inbox (the client is dropped instead).
-    protocol::reply(&Err(QmpError::generic("JSON token size limit exceeded")), None)
+    protocol::reply(
+        &Err(QmpError::generic("JSON token size limit exceeded")),
+        None,
+    )
 }
 
 impl MutEventSubscriber for QmpServer {
@@ -642,8 +655,10 @@ mod tests {
                     Ok(json!({}))
                 }
                 "query-kvm" => Ok(json!({"enabled": true, "present": true})),
-                _ => Ok(json!({"status": if self.running {"running"} else {"paused"},
-                               "singlestep": false, "running": self.running})),
+                _ => Ok(
+                    json!({"status": if self.running {"running"} else {"paused"},
+                               "singlestep": false, "running": self.running}),
+                ),
             }
         }
     }
@@ -658,7 +673,8 @@ mod tests {
 
     impl Harness {
         fn new(tag: &str) -> Self {
-            let path = std::env::temp_dir().join(format!("qmp-test-{}-{tag}.sock", std::process::id()));
+            let path =
+                std::env::temp_dir().join(format!("qmp-test-{}-{tag}.sock", std::process::id()));
             let server = Rc::new(RefCell::new(
                 QmpServer::bind(
                     &[Endpoint::Unix(path.clone())],
@@ -801,10 +817,16 @@ mod tests {
         h.pump();
         c.send("\n}");
         h.pump();
-        assert_eq!(c.line(), r#"{"return": {"enabled": true, "present": true}}"#);
+        assert_eq!(
+            c.line(),
+            r#"{"return": {"enabled": true, "present": true}}"#
+        );
         c.send("{\"execute\":\"query-kvm\"}{\"execute\":\"query-status\"}");
         h.pump();
-        assert_eq!(c.line(), r#"{"return": {"enabled": true, "present": true}}"#);
+        assert_eq!(
+            c.line(),
+            r#"{"return": {"enabled": true, "present": true}}"#
+        );
         assert!(c.line().starts_with(r#"{"return": {"status": "running""#));
     }
 

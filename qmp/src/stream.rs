@@ -298,7 +298,10 @@ mod tests {
     fn stray_bytes_and_recovery() {
         let mut s = JsonStreamer::default();
         let out = feed_all(&mut s, &[b"\xff{\"execute\":\"x\"}\n"]);
-        assert_eq!(out[0], Framed::Error("JSON parse error, stray '\\uFFFD'".into()));
+        assert_eq!(
+            out[0],
+            Framed::Error("JSON parse error, stray '\\uFFFD'".into())
+        );
         assert_eq!(out[1], Framed::Value(json!({"execute": "x"})));
         let out = feed_all(&mut s, &[b"{\"a\": \x01 garbage garbage\n{\"b\":1}"]);
         assert_eq!(out.len(), 2, "{out:?}");
@@ -338,6 +341,9 @@ mod tests {
         let mut s = JsonStreamer::default();
         let mut out = vec![];
         s.feed(&vec![b'['; MAX_NESTING + 1], &mut out);
-        assert_eq!(out, vec![Framed::Error("JSON nesting depth limit exceeded".into())]);
+        assert_eq!(
+            out,
+            vec![Framed::Error("JSON nesting depth limit exceeded".into())]
+        );
     }
 }

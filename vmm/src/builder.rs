@@ -13,9 +13,13 @@ use std::sync::{Arc, Mutex};
 use devices::acpi_pm::{AcpiPmAml, AcpiPmDevice, PM_PORT, PM_PORT_LEN};
 use devices::bus::{Bus, BusDevice, BusError};
 use devices::i8042::{I8042Aml, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT};
+use devices::power_button::{PowerButton, PowerButtonAml, GED_GSI};
+use devices::pvpanic::{PvPanic, PvPanicAml, PVPANIC_PORT};
 use devices::serial::{SerialAml, SerialDevice, SharedWriter, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use devices::{Aml, EventFdTrigger};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -230,12 +234,15 @@ fn open_serial_file(path: &Path) -> Result<File, BuildError> {
         })
 }
 
-/// A built, running VM. Dropping it stops the vcpus, then releases the VM and
-/// its memory (field order matters).
+/// A built VM with its vcpu threads. Dropping it stops the vcpus, then releases
+/// the VM and its memory (field order matters).
 pub struct Vm {
     vcpus: Vcpus,
-    _vm_fd: VmFd,
+    vm_fd: VmFd,
     _memory: GuestMemoryMmap,
+    power_button: PowerButton,
+    /// Guest clock saved by [`Vm::pause`], restored by [`Vm::resume`].
+    clock: Option<kvm_clock_data>,
 }
 
 impl Vm {
@@ -244,9 +251,43 @@ impl Vm {
         drop(self);
     }
 
-    /// Number of vcpus running.
+    /// Number of vcpus.
     pub fn vcpu_count(&self) -> usize {
         self.vcpus.len()
+    }
+
+    /// Host thread ids of the vcpus.
+    pub fn vcpu_thread_ids(&self) -> &[i32] {
+        self.vcpus.thread_ids()
+    }
+
+    /// Parks every vcpu (pending I/O completed) and freezes the guest clock.
+    pub fn pause(&mut self) {
+        self.vcpus.pause();
+        if self.clock.is_none() {
+            match self.vm_fd.get_clock() {
+                Ok(c) => self.clock = Some(c),
+                Err(e) => log::debug!("KVM_GET_CLOCK: {e}"),
+            }
+        }
+    }
+
+    /// Restores the guest clock to where it was paused and lets the vcpus run.
+    pub fn resume(&mut self) {
+        if let Some(mut c) = self.clock.take() {
+            // Absolute value, without KVM's realtime adjustment: paused time does
+            // not pass for the guest.
+            c.flags = 0;
+            if let Err(e) = self.vm_fd.set_clock(&c) {
+                log::debug!("KVM_SET_CLOCK: {e}");
+            }
+        }
+        self.vcpus.resume();
+    }
+
+    /// Presses the ACPI power button.
+    pub fn press_power_button(&self) -> io::Result<()> {
+        self.power_button.press()
     }
 }
 
@@ -269,8 +310,8 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), BuildError> {
     Ok(())
 }
 
-/// Builds the VM described by `cfg` and starts its vcpus.
-pub fn build_vm(cfg: &VmConfig, b: &Backends) -> Result<Vm, BuildError> {
+/// Builds the VM described by `cfg` and starts its vcpus, parked if `paused`.
+pub fn build_vm(cfg: &VmConfig, b: &Backends, paused: bool) -> Result<Vm, BuildError> {
     let vm = b.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(KVM_TSS_ADDR)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -307,6 +348,10 @@ pub fn build_vm(cfg: &VmConfig, b: &Backends) -> Result<Vm, BuildError> {
         b.events.shutdown.try_clone()?,
         b.events.reset.try_clone()?,
     )));
+    let pvpanic = Arc::new(Mutex::new(PvPanic::new(b.events.panic.try_clone()?)));
+    let button_irq = EventFd::new(libc::EFD_NONBLOCK)?;
+    vm.register_irqfd(&button_irq, GED_GSI)
+        .map_err(kvm_err("KVM_IRQFD"))?;
     let mut pio = Bus::new("pio");
     pio.insert(
         b.serial.clone(),
@@ -316,8 +361,15 @@ pub fn build_vm(cfg: &VmConfig, b: &Backends) -> Result<Vm, BuildError> {
     pio.insert(i8042.clone(), u64::from(I8042_DATA_PORT), 1)?;
     pio.insert(i8042, u64::from(I8042_COMMAND_PORT), 1)?;
     pio.insert(pm, u64::from(PM_PORT), u64::from(PM_PORT_LEN))?;
+    pio.insert(pvpanic, u64::from(PVPANIC_PORT), 1)?;
     let mmio = Bus::new("mmio");
-    let aml: [&dyn Aml; 3] = [&SerialAml, &I8042Aml, &AcpiPmAml];
+    let aml: [&dyn Aml; 5] = [
+        &SerialAml,
+        &I8042Aml,
+        &AcpiPmAml,
+        &PowerButtonAml,
+        &PvPanicAml,
+    ];
 
     let rsdp = acpi::write_tables(&mem, cfg.cpus, &aml)?;
     boot::write_boot_params(
@@ -341,10 +393,12 @@ pub fn build_vm(cfg: &VmConfig, b: &Backends) -> Result<Vm, BuildError> {
         cpu::configure_vcpu(&fd, id, cfg.cpus, &b.cpuid, kernel.entry)?;
         fds.push(fd);
     }
-    let vcpus = Vcpus::start(fds, Arc::new(pio), Arc::new(mmio), b.events.clone())?;
+    let vcpus = Vcpus::start(fds, Arc::new(pio), Arc::new(mmio), b.events.clone(), paused)?;
     Ok(Vm {
         vcpus,
-        _vm_fd: vm,
+        vm_fd: vm,
         _memory: mem,
+        power_button: PowerButton::new(button_irq),
+        clock: None,
     })
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use clap::Parser;
+pub use qmp::server::Endpoint;
 
 /// Largest memory size accepted (1 TiB); KVM and the host decide the real limit.
 pub const MAX_MEMORY: u64 = 1 << 40;
@@ -14,8 +15,8 @@ pub const MAX_CPUS: u8 = 254;
 
 const AFTER_HELP: &str = "\
 Exit status:
-  0    the guest powered off (or rebooted with --no-reboot), or Ctrl-A x
-  1    the VM failed (KVM error, guest hardware fault) or could not start
+  0    the guest powered off (or rebooted with --no-reboot), Ctrl-A x, QMP quit
+  1    the VM failed (KVM error), the guest panicked, or the VM could not start
   2    bad command line
   124  --timeout expired
   130/143  stopped by SIGINT/SIGTERM (128 + signal number)
@@ -23,8 +24,10 @@ Exit status:
 Serial console (when stdin is a terminal):
   Ctrl-A x  quit      Ctrl-A h  help      Ctrl-A Ctrl-A  send Ctrl-A
 
-Example:
-  minivmm --kernel vmlinuz --initrd initrd.img --append \"console=ttyS0\" --memory 1G --cpus 2";
+Examples:
+  minivmm --kernel vmlinuz --initrd initrd.img --append \"console=ttyS0\" --memory 1G --cpus 2
+  minivmm --kernel vmlinuz --initrd initrd.img --qmp unix:/tmp/vm.qmp --name ci-7 &
+  socat - UNIX-CONNECT:/tmp/vm.qmp      # then type {\"execute\":\"qmp_capabilities\"}";
 
 /// Command line arguments.
 #[derive(Debug, Parser)]
@@ -78,6 +81,23 @@ pub struct Cli {
     /// Stop the VM and exit with status 124 after this many seconds.
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
     pub timeout: Option<u64>,
+
+    /// Serve QMP (the QEMU Machine Protocol) on "unix:PATH" or "tcp:HOST:PORT";
+    /// repeatable, many clients per endpoint. QMP has no authentication: a Unix
+    /// socket is created owner-only; TCP listens on exactly the address given.
+    #[arg(long, value_name = "ENDPOINT")]
+    pub qmp: Vec<Endpoint>,
+
+    /// Start with the vcpus stopped (QMP state "prelaunch"); QMP "cont" starts
+    /// them. Needs --qmp.
+    #[arg(long, requires = "qmp")]
+    pub paused: bool,
+
+    /// When the guest powers off, panics or fails, keep the process (and QMP)
+    /// alive in state "shutdown", "guest-panicked" or "internal-error" instead of
+    /// exiting; QMP "system_reset" then "cont" boots it again.
+    #[arg(long)]
+    pub no_shutdown: bool,
 }
 
 /// Destination of the guest's serial console.
@@ -200,6 +220,12 @@ pub struct VmConfig {
     pub no_reboot: bool,
     /// Seconds until forced stop.
     pub timeout: Option<u64>,
+    /// QMP endpoints.
+    pub qmp: Vec<Endpoint>,
+    /// Start in prelaunch.
+    pub paused: bool,
+    /// Keep the process when the guest stops.
+    pub no_shutdown: bool,
 }
 
 impl From<Cli> for VmConfig {
@@ -215,6 +241,9 @@ impl From<Cli> for VmConfig {
             uuid: c.uuid,
             no_reboot: c.no_reboot,
             timeout: c.timeout,
+            qmp: c.qmp,
+            paused: c.paused,
+            no_shutdown: c.no_shutdown,
         }
     }
 }
@@ -315,6 +344,28 @@ mod tests {
             parse(&["--kernel", "k", "--cpus", "254"]).unwrap().cpus,
             254
         );
+    }
+
+    #[test]
+    fn qmp_flags() {
+        let c = parse(&[
+            "--kernel",
+            "k",
+            "--qmp",
+            "unix:/tmp/a",
+            "--qmp",
+            "tcp:127.0.0.1:4444",
+            "--paused",
+            "--no-shutdown",
+        ])
+        .unwrap();
+        assert_eq!(c.qmp.len(), 2);
+        assert!(c.paused && c.no_shutdown);
+        assert!(
+            parse(&["--kernel", "k", "--paused"]).is_err(),
+            "--paused needs --qmp"
+        );
+        assert!(parse(&["--kernel", "k", "--qmp", "tcp:nope"]).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod builder;
 pub mod cli;
 pub mod cpu;
 pub mod layout;
+pub mod machine;
 pub mod memory;
 pub mod terminal;
 pub mod vcpu;

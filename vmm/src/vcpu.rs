@@ -10,7 +10,7 @@
 use std::cell::Cell;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use devices::bus::Bus;
@@ -56,6 +56,8 @@ pub struct VcpuEvents {
     pub reset: EventFd,
     /// A vcpu failed; the description is in `error_info`.
     pub error: EventFd,
+    /// The guest reported a panic (pvpanic).
+    pub panic: EventFd,
     /// Description of the first failure.
     pub error_info: Mutex<Option<String>>,
 }
@@ -68,6 +70,7 @@ impl VcpuEvents {
             shutdown: e()?,
             reset: e()?,
             error: e()?,
+            panic: e()?,
             error_info: Mutex::new(None),
         })
     }
@@ -88,7 +91,7 @@ impl VcpuEvents {
 
     /// Clears pending signals (between a VM and its rebuilt successor).
     pub fn drain(&self) {
-        for e in [&self.shutdown, &self.reset, &self.error] {
+        for e in [&self.shutdown, &self.reset, &self.error, &self.panic] {
             let _ = e.read();
         }
         self.error_info
@@ -98,30 +101,65 @@ impl VcpuEvents {
     }
 }
 
-/// A running vcpu thread.
-pub struct VcpuHandle {
-    thread: JoinHandle<()>,
+struct CtlState {
+    paused: bool,
+    stop: bool,
+    parked: usize,
 }
 
-/// The set of vcpu threads of one VM.
+/// Shared between the VMM thread and the vcpu threads of one VM.
+struct Control {
+    state: Mutex<CtlState>,
+    cv: Condvar,
+    /// Fast-path hint: set whenever `paused` or `stop` is.
+    attention: AtomicBool,
+}
+
+impl Control {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CtlState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<'a>(
+        &self,
+        g: std::sync::MutexGuard<'a, CtlState>,
+    ) -> std::sync::MutexGuard<'a, CtlState> {
+        self.cv.wait(g).unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The vcpu threads of one VM.
 pub struct Vcpus {
-    handles: Vec<VcpuHandle>,
-    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    tids: Vec<i32>,
+    ctl: Arc<Control>,
 }
 
 impl Vcpus {
-    /// Starts one thread per vcpu.
+    /// Starts one thread per vcpu; with `paused` they park before entering the
+    /// guest until [`Vcpus::resume`].
     pub fn start(
         fds: Vec<VcpuFd>,
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         events: Arc<VcpuEvents>,
+        paused: bool,
     ) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let ctl = Arc::new(Control {
+            state: Mutex::new(CtlState {
+                paused,
+                stop: false,
+                parked: 0,
+            }),
+            cv: Condvar::new(),
+            attention: AtomicBool::new(paused),
+        });
         let mut vcpus = Self {
-            handles: Vec::new(),
-            stop: stop.clone(),
+            threads: Vec::new(),
+            tids: Vec::new(),
+            ctl: ctl.clone(),
         };
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         for (id, fd) in fds.into_iter().enumerate() {
             let vcpu = Vcpu {
                 id,
@@ -129,24 +167,71 @@ impl Vcpus {
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 events: events.clone(),
-                stop: stop.clone(),
+                ctl: ctl.clone(),
             };
+            let tx = tid_tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu.run())?;
-            vcpus.handles.push(VcpuHandle { thread });
+                .spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    let _ = tx.send((id, unsafe { libc::gettid() }));
+                    vcpu.run()
+                })?;
+            vcpus.threads.push(thread);
         }
+        drop(tid_tx);
+        let mut tids = vec![0; vcpus.threads.len()];
+        for (id, tid) in tid_rx.iter().take(tids.len()) {
+            tids[id] = tid;
+        }
+        vcpus.tids = tids;
         Ok(vcpus)
     }
 
-    /// Host thread ids are not needed yet; the number of running vcpus is.
+    /// Number of vcpus.
     pub fn len(&self) -> usize {
-        self.handles.len()
+        self.threads.len()
     }
 
-    /// True when no vcpu runs.
+    /// True when there are none.
     pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
+        self.threads.is_empty()
+    }
+
+    /// Host thread id of each vcpu.
+    pub fn thread_ids(&self) -> &[i32] {
+        &self.tids
+    }
+
+    fn kick(&self) {
+        for t in &self.threads {
+            if let Err(e) = t.kill(kick_signal()) {
+                log::debug!("kick vcpu: {e}");
+            }
+        }
+    }
+
+    /// Takes every vcpu out of the guest and waits until all are parked, with
+    /// their pending port/MMIO accesses completed.
+    pub fn pause(&self) {
+        {
+            let mut st = self.ctl.lock();
+            st.paused = true;
+            self.ctl.attention.store(true, Ordering::SeqCst);
+        }
+        self.kick();
+        let mut st = self.ctl.lock();
+        while st.parked < self.threads.len() && !st.stop {
+            st = self.ctl.wait(st);
+        }
+    }
+
+    /// Lets paused vcpus run again.
+    pub fn resume(&self) {
+        let mut st = self.ctl.lock();
+        st.paused = false;
+        self.ctl.attention.store(st.stop, Ordering::SeqCst);
+        self.ctl.cv.notify_all();
     }
 
     /// Stops every vcpu and waits for its thread to end.
@@ -155,15 +240,15 @@ impl Vcpus {
     }
 
     fn stop_all(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for h in &self.handles {
-            if let Err(e) = h.thread.kill(kick_signal()) {
-                log::debug!("kick vcpu: {e}");
-            }
-            h.thread.thread().unpark();
+        {
+            let mut st = self.ctl.lock();
+            st.stop = true;
+            self.ctl.attention.store(true, Ordering::SeqCst);
+            self.ctl.cv.notify_all();
         }
-        for h in self.handles.drain(..) {
-            if h.thread.join().is_err() {
+        self.kick();
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
                 log::error!("a vcpu thread panicked");
             }
         }
@@ -182,7 +267,7 @@ struct Vcpu {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     events: Arc<VcpuEvents>,
-    stop: Arc<AtomicBool>,
+    ctl: Arc<Control>,
 }
 
 enum Next {
@@ -195,17 +280,53 @@ impl Vcpu {
     fn run(mut self) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN.with(|r| r.set(run_ptr));
-        while !self.stop.load(Ordering::SeqCst) {
-            match self.run_once() {
-                Next::Continue => {}
-                Next::Park => {
-                    while !self.stop.load(Ordering::SeqCst) {
-                        std::thread::park();
-                    }
+        loop {
+            if self.ctl.attention.load(Ordering::SeqCst) && !self.attend() {
+                break;
+            }
+            if let Next::Park = self.run_once() {
+                // Halted for good, or failed: wait (counted as parked) to be stopped.
+                let mut st = self.ctl.lock();
+                st.parked += 1;
+                self.ctl.cv.notify_all();
+                while !st.stop {
+                    st = self.ctl.wait(st);
                 }
+                break;
             }
         }
         KVM_RUN.with(|r| r.set(ptr::null_mut()));
+    }
+
+    /// Handles a pause or stop request; returns false when the thread must end.
+    fn attend(&mut self) -> bool {
+        let mut st = self.ctl.lock();
+        if st.stop {
+            return false;
+        }
+        if !st.paused {
+            return true;
+        }
+        drop(st);
+        // Complete the exit just handled (an IN's data, an MMIO read) so guest
+        // state is consistent while parked: KVM finishes it on the next KVM_RUN,
+        // which returns at once with immediate_exit set.
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            other => log::debug!("vcpu{}: completing I/O before pause: {other:?}", self.id),
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        // Tell a kvmclock guest it was stopped (no soft-lockup warnings on resume).
+        let _ = self.fd.kvmclock_ctrl();
+        st = self.ctl.lock();
+        st.parked += 1;
+        self.ctl.cv.notify_all();
+        while st.paused && !st.stop {
+            st = self.ctl.wait(st);
+        }
+        st.parked -= 1;
+        !st.stop
     }
 
     fn run_once(&mut self) -> Next {

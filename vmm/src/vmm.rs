@@ -15,8 +15,13 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use qmp::protocol::greeting;
+use qmp::server::{QmpServer, ServerError};
+
 use crate::builder::{self, Backends, BuildError};
 use crate::cli::{SerialBackend, VmConfig};
+pub use crate::machine::Outcome;
+use crate::machine::{self, Lifecycle, Machine};
 use crate::terminal::{self, EscapeCommand, EscapeParser, RawTerminal};
 use crate::vcpu::{self, VcpuEvents};
 
@@ -26,6 +31,9 @@ pub enum VmmError {
     /// Building the VM failed.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// A QMP endpoint could not be opened.
+    #[error(transparent)]
+    Qmp(#[from] ServerError),
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
@@ -34,67 +42,7 @@ pub enum VmmError {
     Setup(String),
 }
 
-/// Why the VMM stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// The guest powered off.
-    PowerOff,
-    /// The guest rebooted and `--no-reboot` was given.
-    RebootRefused,
-    /// Ctrl-A x.
-    Quit,
-    /// `--timeout` expired.
-    Timeout(u64),
-    /// SIGINT/SIGTERM/SIGHUP.
-    Signal(i32),
-    /// A vcpu failed.
-    Failed(String),
-}
-
-impl Outcome {
-    /// Process exit status for this outcome.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Outcome::PowerOff | Outcome::RebootRefused | Outcome::Quit => 0,
-            Outcome::Timeout(_) => 124,
-            Outcome::Signal(n) => 128 + n,
-            Outcome::Failed(_) => 1,
-        }
-    }
-
-    /// What to tell the user on stderr, if anything.
-    pub fn message(&self) -> Option<String> {
-        match self {
-            Outcome::PowerOff => None,
-            Outcome::RebootRefused => Some("guest rebooted; exiting because of --no-reboot".into()),
-            Outcome::Quit => Some("quit from the console (Ctrl-A x)".into()),
-            Outcome::Timeout(s) => Some(format!("--timeout of {s} s expired; VM stopped")),
-            Outcome::Signal(n) => Some(format!("received {}; VM stopped", signal_name(*n))),
-            Outcome::Failed(e) => Some(format!("error: the VM failed: {e}")),
-        }
-    }
-}
-
-fn signal_name(n: i32) -> String {
-    match n {
-        libc::SIGINT => "SIGINT".into(),
-        libc::SIGTERM => "SIGTERM".into(),
-        libc::SIGHUP => "SIGHUP".into(),
-        n => format!("signal {n}"),
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Request {
-    PowerOff,
-    Reset,
-    Failed,
-    Signal(i32),
-    Timeout,
-    Quit,
-}
-
-type Requests = Rc<RefCell<VecDeque<Request>>>;
+type Requests = Rc<RefCell<VecDeque<Lifecycle>>>;
 
 const STOP_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
@@ -156,6 +104,7 @@ impl MutEventSubscriber for Controller {
         add(&self.events.shutdown);
         add(&self.events.reset);
         add(&self.events.error);
+        add(&self.events.panic);
         add(&self.signals);
         if let Some(t) = &self.timer {
             add(t);
@@ -167,20 +116,23 @@ impl MutEventSubscriber for Controller {
         let push = |r| self.requests.borrow_mut().push_back(r);
         if fd == self.events.shutdown.as_raw_fd() {
             let _ = self.events.shutdown.read();
-            push(Request::PowerOff);
+            push(Lifecycle::PowerOff);
         } else if fd == self.events.reset.as_raw_fd() {
             let _ = self.events.reset.read();
-            push(Request::Reset);
+            push(Lifecycle::Reset);
         } else if fd == self.events.error.as_raw_fd() {
             let _ = self.events.error.read();
-            push(Request::Failed);
+            push(Lifecycle::Failed);
+        } else if fd == self.events.panic.as_raw_fd() {
+            let _ = self.events.panic.read();
+            push(Lifecycle::Panic);
         } else if fd == self.signals.as_raw_fd() {
             while let Some(sig) = read_signal(fd) {
-                push(Request::Signal(sig));
+                push(Lifecycle::Signal(sig));
             }
         } else if let Some(t) = self.timer.as_mut().filter(|t| t.as_raw_fd() == fd) {
             let _ = t.wait();
-            push(Request::Timeout);
+            push(Lifecycle::Timeout);
         }
     }
 }
@@ -265,7 +217,9 @@ impl ConsoleInput {
                         EscapeCommand::Help => {
                             let _ = io::stderr().write_all(terminal::HELP.as_bytes());
                         }
-                        EscapeCommand::Quit => self.requests.borrow_mut().push_back(Request::Quit),
+                        EscapeCommand::Quit => {
+                            self.requests.borrow_mut().push_back(Lifecycle::Quit)
+                        }
                     }
                 }
                 self.pending.extend(out);
@@ -319,6 +273,12 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
     let signals = stop_signalfd()?;
     vcpu::install_kick_handler()
         .map_err(|e| VmmError::Setup(format!("cannot install the vcpu kick handler: {e}")))?;
+    let server = if cfg.qmp.is_empty() {
+        None
+    } else {
+        let s = QmpServer::bind(&cfg.qmp, greeting(&machine::version()))?;
+        Some(Rc::new(RefCell::new(s)))
+    };
     let backends = Backends::new(&cfg)?;
 
     let requests: Requests = Rc::new(RefCell::new(VecDeque::new()));
@@ -339,6 +299,9 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
         timer,
         requests: requests.clone(),
     }));
+    let qmp_id = server
+        .as_ref()
+        .map(|s| em.add_subscriber(Box::new(s.clone())));
 
     let interactive = cfg.serial == SerialBackend::Stdio && stdin_is_usable();
     let raw = if interactive {
@@ -361,70 +324,49 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
         }));
     }
 
-    let mut vm = builder::build_vm(&cfg, &backends)?;
-    log::info!(
-        "{}: started with {} vcpu(s)",
-        cfg.name.as_deref().unwrap_or("vm"),
-        vm.vcpu_count()
-    );
-    let outcome = 'run: loop {
+    let monitors = server
+        .as_ref()
+        .map(|s| s.borrow().chardevs().to_vec())
+        .unwrap_or_default();
+    let name = cfg.name.clone().unwrap_or_else(|| "vm".into());
+    let mut machine = Machine::start(cfg, backends, monitors)?;
+    log::info!("{name}: started ({})", machine.state().as_str());
+    let result = loop {
         if let Err(e) = em.run() {
             // EINTR from a signal that was not ours is harmless.
             log::debug!("event loop interrupted: {e:?}");
         }
+        let mut events = Vec::new();
         loop {
             let Some(req) = requests.borrow_mut().pop_front() else {
                 break;
             };
-            match req {
-                Request::PowerOff => break 'run Outcome::PowerOff,
-                Request::Quit => break 'run Outcome::Quit,
-                Request::Timeout => break 'run Outcome::Timeout(cfg.timeout.unwrap_or(0)),
-                Request::Signal(n) => break 'run Outcome::Signal(n),
-                Request::Failed => {
-                    let info = backends
-                        .events
-                        .error_info
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .take()
-                        .unwrap_or_else(|| "unknown vcpu failure".into());
-                    break 'run Outcome::Failed(info);
-                }
-                Request::Reset if cfg.no_reboot => break 'run Outcome::RebootRefused,
-                Request::Reset => {
-                    log::info!("guest reset: rebuilding the VM");
-                    vm.stop();
-                    backends.events.drain();
-                    requests.borrow_mut().retain(|r| *r != Request::Reset);
-                    vm = builder::build_vm(&cfg, &backends)?;
-                }
+            machine.on_request(req, &mut events);
+        }
+        if let (Some(server), Some(id)) = (&server, qmp_id) {
+            let mut s = server.borrow_mut();
+            for e in &events {
+                s.broadcast(e);
+            }
+            s.dispatch(&mut machine);
+            match em.event_ops(id) {
+                Ok(mut ops) => s.flush(&mut ops),
+                Err(e) => log::error!("QMP: {e:?}"),
             }
         }
+        if let Some(e) = machine.fatal.take() {
+            break Err(VmmError::Build(e));
+        }
+        if let Some(outcome) = machine.exit.take() {
+            break Ok(outcome);
+        }
     };
-    vm.stop();
-    backends.flush_serial();
-    drop(raw);
-    Ok(outcome)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exit_codes() {
-        assert_eq!(Outcome::PowerOff.exit_code(), 0);
-        assert_eq!(Outcome::RebootRefused.exit_code(), 0);
-        assert_eq!(Outcome::Quit.exit_code(), 0);
-        assert_eq!(Outcome::Timeout(5).exit_code(), 124);
-        assert_eq!(Outcome::Signal(libc::SIGTERM).exit_code(), 143);
-        assert_eq!(Outcome::Signal(libc::SIGINT).exit_code(), 130);
-        assert_eq!(Outcome::Failed("x".into()).exit_code(), 1);
-        assert!(Outcome::PowerOff.message().is_none());
-        assert!(Outcome::Signal(libc::SIGTERM)
-            .message()
-            .unwrap()
-            .contains("SIGTERM"));
+    machine.teardown();
+    if let Some(server) = &server {
+        server
+            .borrow_mut()
+            .flush_before_exit(Duration::from_secs(1));
     }
+    drop(raw);
+    result
 }
