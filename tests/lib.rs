@@ -221,6 +221,11 @@ impl Vm {
         Banner::parse(&l).unwrap_or_else(|| panic!("bad banner: {l}"))
     }
 
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends a signal to the VMM process.
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
@@ -357,8 +362,156 @@ pub fn code_out_then_halt(port: u16, v: u8) -> Vec<u8> {
     vec![0x66, 0xba, p[0], p[1], 0xb0, v, 0xee, 0xf4, 0xeb, 0xfd]
 }
 
+/// x86 code: write byte `v` to port `port` and continue.
+pub fn code_out(port: u16, v: u8) -> Vec<u8> {
+    let p = port.to_le_bytes();
+    vec![0x66, 0xba, p[0], p[1], 0xb0, v, 0xee]
+}
+
 /// x86 code: spin forever.
 pub const CODE_SPIN: [u8; 2] = [0xeb, 0xfe];
+
+/// A QMP client over a Unix socket, for tests.
+pub struct Qmp {
+    r: BufReader<std::os::unix::net::UnixStream>,
+    w: std::os::unix::net::UnixStream,
+    /// Events received and not yet consumed by [`Qmp::wait_event`].
+    pub events: Vec<serde_json::Value>,
+    /// The greeting.
+    pub greeting: serde_json::Value,
+}
+
+impl Qmp {
+    /// Connects to `path`, retrying while minivmm is still starting (bounded),
+    /// and reads the greeting.
+    pub fn connect(path: &Path) -> Qmp {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let s = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => panic!("connect {}: {e}", path.display()),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(240)))
+            .expect("timeout");
+        let mut q = Qmp {
+            r: BufReader::new(s.try_clone().expect("clone")),
+            w: s,
+            events: Vec::new(),
+            greeting: serde_json::Value::Null,
+        };
+        q.greeting = q.read().expect("greeting");
+        q
+    }
+
+    /// Connects and negotiates capabilities.
+    pub fn negotiated(path: &Path) -> Qmp {
+        let mut q = Qmp::connect(path);
+        assert_eq!(
+            q.cmd(r#"{"execute":"qmp_capabilities"}"#),
+            serde_json::json!({"return": {}})
+        );
+        q
+    }
+
+    /// Reads one message; None at EOF.
+    pub fn read(&mut self) -> Option<serde_json::Value> {
+        let mut l = String::new();
+        match self.r.read_line(&mut l) {
+            Ok(0) => None,
+            Ok(_) => {
+                assert!(l.ends_with("\r\n"), "QMP lines end in CRLF: {l:?}");
+                Some(serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad JSON {l:?}: {e}")))
+            }
+            Err(e) => panic!("QMP read: {e}"),
+        }
+    }
+
+    /// Sends raw text.
+    pub fn send(&mut self, s: &str) {
+        self.w.write_all(s.as_bytes()).expect("QMP write");
+    }
+
+    /// Sends a command and returns its reply; events seen meanwhile are kept.
+    pub fn cmd(&mut self, s: &str) -> serde_json::Value {
+        self.send(&format!("{s}\n"));
+        self.reply()
+    }
+
+    /// Reads up to the next reply, keeping events.
+    pub fn reply(&mut self) -> serde_json::Value {
+        loop {
+            let v = self.read().expect("EOF before the reply");
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    /// Returns (and consumes) the first event named `name`, reading if needed.
+    pub fn wait_event(&mut self, name: &str) -> serde_json::Value {
+        loop {
+            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+                return self.events.remove(i);
+            }
+            let v = self.read().unwrap_or_else(|| {
+                panic!("EOF while waiting for {name}; events: {:?}", self.events)
+            });
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                panic!("unexpected reply while waiting for {name}: {v}");
+            }
+        }
+    }
+
+    /// Names of the events received so far and not consumed.
+    pub fn event_names(&self) -> Vec<String> {
+        self.events
+            .iter()
+            .map(|e| e["event"].as_str().unwrap_or("?").to_string())
+            .collect()
+    }
+}
+
+/// A fresh socket path for a test.
+pub fn socket_path(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("minivmm-test-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir.join("qmp.sock")
+}
+
+/// The state a thread is in (R, S, ...), from /proc.
+pub fn thread_state(pid: u32, tid: i64) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap_or_default();
+    // pid (comm) STATE ...
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+        .unwrap_or('?')
+}
+
+/// Whether thread `tid` is parked (not runnable): it must be seen not running on
+/// 50 consecutive reads within 5 s. A vcpu spinning in the guest is always
+/// runnable ('R'), so it never passes; a parked one settles at once.
+pub fn thread_parked(pid: u32, tid: i64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut quiet = 0;
+    while Instant::now() < deadline {
+        if thread_state(pid, tid) == 'R' {
+            quiet = 0;
+        } else {
+            quiet += 1;
+            if quiet == 50 {
+                return true;
+            }
+        }
+        std::thread::yield_now();
+    }
+    false
+}
 
 /// Writes `bytes` to a fresh file in a per-test temporary directory.
 pub fn temp_file(test: &str, name: &str, bytes: &[u8]) -> PathBuf {

@@ -477,6 +477,16 @@ impl QmpServer {
             let (a, b) = c.out.as_slices();
             let _ = c.stream.write_all(a).and_then(|_| c.stream.write_all(b));
             c.out.clear();
+            // Close gracefully: a socket closed with unread input makes the peer
+            // see a reset instead of EOF, and may discard what we just wrote.
+            let _ = match &c.stream {
+                Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+                Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+            };
+            if c.stream.set_nonblocking(true).is_ok() {
+                let mut sink = [0u8; 4096];
+                while matches!(c.stream.read(&mut sink), Ok(n) if n > 0) {}
+            }
         }
     }
 

@@ -185,6 +185,10 @@ impl Vcpus {
             tids[id] = tid;
         }
         vcpus.tids = tids;
+        if paused {
+            // Prelaunch: return once every vcpu is parked.
+            vcpus.wait_parked();
+        }
         Ok(vcpus)
     }
 
@@ -220,6 +224,10 @@ impl Vcpus {
             self.ctl.attention.store(true, Ordering::SeqCst);
         }
         self.kick();
+        self.wait_parked();
+    }
+
+    fn wait_parked(&self) {
         let mut st = self.ctl.lock();
         while st.parked < self.threads.len() && !st.stop {
             st = self.ctl.wait(st);

@@ -1,0 +1,701 @@
+//! QMP and VM lifecycle with tiny hand-made guests: the whole protocol and every
+//! state transition, on any /dev/kvm (PVM included). Real-guest QMP tests (ACPI
+//! power button, reboot of a Linux guest, qemu.qmp, socat) are in real_guest.rs.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use minivmm_tests::{
+    code_out, code_out_then_halt, code_print, kvm_available, socket_path, temp_file, thread_parked,
+    tiny_elf, Qmp, Vm, CODE_SPIN,
+};
+use serde_json::{json, Value};
+
+const LIMIT: Duration = Duration::from_secs(30);
+const S5: u8 = (5 << 2) | (1 << 5);
+
+fn guest(test: &str, parts: &[&[u8]]) -> String {
+    temp_file(test, "guest.elf", &tiny_elf(&parts.concat()))
+        .display()
+        .to_string()
+}
+
+fn spin_guest(test: &str) -> String {
+    guest(test, &[&code_print(b"boot\n"), &CODE_SPIN])
+}
+
+struct Setup {
+    vm: Vm,
+    sock: std::path::PathBuf,
+}
+
+fn start(test: &str, kernel: &str, extra: &[&str]) -> Setup {
+    let sock = socket_path(test);
+    let spec = format!("unix:{}", sock.display());
+    let mut args = vec!["--kernel", kernel, "--qmp", &spec];
+    args.extend_from_slice(extra);
+    Setup {
+        vm: Vm::spawn(&args),
+        sock,
+    }
+}
+
+fn status(q: &mut Qmp) -> String {
+    q.cmd(r#"{"execute":"query-status"}"#)["return"]["status"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn vcpu_tids(q: &mut Qmp) -> Vec<i64> {
+    q.cmd(r#"{"execute":"query-cpus-fast"}"#)["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["thread-id"].as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn greeting_errors_and_queries_over_a_real_socket() {
+    if !kvm_available("greeting_errors_and_queries_over_a_real_socket") {
+        return;
+    }
+    let k = spin_guest("queries");
+    let mut s = start(
+        "queries",
+        &k,
+        &[
+            "--name",
+            "ci-7",
+            "--uuid",
+            "12345678-1234-1234-1234-123456789abc",
+            "--cpus",
+            "2",
+        ],
+    );
+    let mut q = Qmp::connect(&s.sock);
+    let g = q.greeting["QMP"].clone();
+    assert_eq!(g["capabilities"], json!(["oob"]));
+    assert!(g["version"]["package"]
+        .as_str()
+        .unwrap()
+        .starts_with("minivmm"));
+    assert!(g["version"]["qemu"]["major"].is_u64());
+    assert_eq!(
+        q.cmd(r#"{"execute":"query-status","id":"early"}"#),
+        json!({"id": "early", "error": {"class": "CommandNotFound", "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}})
+    );
+    assert_eq!(
+        q.cmd(r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"#),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        q.cmd(r#"{"execute":"qmp_capabilities"}"#)["error"]["desc"],
+        "Capabilities negotiation is already complete, command ignored"
+    );
+    assert_eq!(
+        q.cmd(r#"{"execute":"query-status","id":{"a":[1,2]}}"#),
+        json!({"return": {"status": "running", "singlestep": false, "running": true}, "id": {"a": [1, 2]}})
+    );
+    assert_eq!(
+        q.cmd(r#"{"execute":"query-kvm"}"#),
+        json!({"return": {"enabled": true, "present": true}})
+    );
+    assert_eq!(
+        q.cmd(r#"{"execute":"query-name"}"#),
+        json!({"return": {"name": "ci-7"}})
+    );
+    assert_eq!(
+        q.cmd(r#"{"execute":"query-uuid"}"#),
+        json!({"return": {"UUID": "12345678-1234-1234-1234-123456789abc"}})
+    );
+    assert_eq!(
+        q.cmd(r#"{"execute":"query-version"}"#)["return"],
+        g["version"]
+    );
+    let cmds: Vec<String> = q.cmd(r#"{"execute":"query-commands"}"#)["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    for c in [
+        "qmp_capabilities",
+        "query-status",
+        "stop",
+        "cont",
+        "system_reset",
+        "system_powerdown",
+        "quit",
+        "query-cpus-fast",
+        "query-chardev",
+        "cpu",
+    ] {
+        assert!(cmds.iter().any(|x| x == c), "query-commands lacks {c}");
+    }
+    let chardevs = q.cmd(r#"{"execute":"query-chardev"}"#)["return"].clone();
+    assert_eq!(
+        chardevs[0],
+        json!({"frontend-open": true, "filename": "stdio", "label": "serial0"})
+    );
+    assert_eq!(chardevs[1]["label"], "compat_monitor0");
+    assert_eq!(
+        chardevs[1]["filename"],
+        format!("unix:{},server=on", s.sock.display())
+    );
+    let tids = vcpu_tids(&mut q);
+    assert_eq!(tids.len(), 2);
+    for tid in &tids {
+        let comm =
+            std::fs::read_to_string(format!("/proc/{}/task/{tid}/comm", s.vm.pid())).unwrap();
+        assert!(
+            comm.starts_with("vcpu"),
+            "thread {tid} is a vcpu thread: {comm}"
+        );
+    }
+    let cpus = q.cmd(r#"{"execute":"query-cpus"}"#)["return"].clone();
+    assert_eq!(cpus[0]["CPU"], 0);
+    assert_eq!(cpus[1]["thread_id"], tids[1]);
+    for (cmd, ret) in [
+        ("query-block", json!([])),
+        ("query-blockstats", json!([])),
+        ("query-mice", json!([])),
+        ("query-vnc", json!({"enabled": false})),
+        ("query-spice", json!({"enabled": false})),
+        ("query-migrate", json!({})),
+    ] {
+        assert_eq!(
+            q.cmd(&format!(r#"{{"execute":"{cmd}"}}"#)),
+            json!({"return": ret}),
+            "{cmd}"
+        );
+    }
+    assert_eq!(
+        q.cmd(r#"{"execute":"cpu","arguments":{"index":0}}"#),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        q.cmd(r#"{"execute":"cpu"}"#)["error"]["desc"],
+        "Parameter 'index' is missing"
+    );
+    assert_eq!(
+        q.cmd(r#"{"execute":"stop","arguments":{"bogus":1}}"#)["error"]["desc"],
+        "Parameter 'bogus' is unexpected"
+    );
+    assert_eq!(
+        q.cmd(r#"{"execute":"nonexistent-cmd"}"#),
+        json!({"error": {"class": "CommandNotFound", "desc": "The command nonexistent-cmd has not been found"}})
+    );
+    assert_eq!(
+        q.cmd(r#"{bad json}"#)["error"]["desc"],
+        "JSON parse error, invalid keyword 'bad'"
+    );
+    assert_eq!(
+        q.cmd(r#"[1,2,3]"#)["error"]["desc"],
+        "QMP input must be a JSON object"
+    );
+    // Split across writes, and two in one write.
+    q.send("{\"execute\": \"query-kvm\"");
+    q.send("\n}\n{\"execute\":\"query-kvm\",\"id\":2}{\"execute\":\"query-kvm\",\"id\":3}\n");
+    assert_eq!(q.reply()["return"]["enabled"], true);
+    assert_eq!(q.reply()["id"], 2);
+    assert_eq!(q.reply()["id"], 3);
+    assert!(q.events.is_empty(), "no events: {:?}", q.events);
+    s.vm.signal(libc::SIGTERM);
+    let ev = q.wait_event("SHUTDOWN");
+    assert_eq!(ev["data"], json!({"guest": false, "reason": "host-signal"}));
+    let (st, _) = s.vm.wait_exit(LIMIT);
+    assert_eq!(st.code(), Some(143));
+}
+
+#[test]
+fn stop_and_cont_reach_two_clients_and_really_stop_the_vcpus() {
+    if !kvm_available("stop_and_cont_reach_two_clients_and_really_stop_the_vcpus") {
+        return;
+    }
+    let k = spin_guest("stopcont");
+    let mut s = start("stopcont", &k, &["--cpus", "2"]);
+    s.vm.wait_line(LIMIT, |l| l == "boot");
+    let mut a = Qmp::negotiated(&s.sock);
+    let mut b = Qmp::negotiated(&s.sock);
+    let tids = vcpu_tids(&mut a);
+    let pid = s.vm.pid();
+    assert_eq!(
+        a.cmd(r#"{"execute":"stop","id":1}"#),
+        json!({"return": {}, "id": 1})
+    );
+    let stop = a.wait_event("STOP");
+    assert!(stop["timestamp"]["seconds"].is_u64() && stop["timestamp"]["microseconds"].is_u64());
+    assert_eq!(b.wait_event("STOP")["event"], "STOP");
+    for tid in &tids {
+        assert!(
+            thread_parked(pid, *tid),
+            "vcpu {tid} is parked while paused"
+        );
+    }
+    assert_eq!(status(&mut a), "paused");
+    assert_eq!(
+        a.cmd(r#"{"execute":"query-status"}"#)["return"]["running"],
+        false
+    );
+    // A second stop changes nothing: no second event.
+    assert_eq!(b.cmd(r#"{"execute":"stop"}"#), json!({"return": {}}));
+    assert_eq!(b.cmd(r#"{"execute":"cont"}"#), json!({"return": {}}));
+    assert_eq!(b.wait_event("RESUME")["event"], "RESUME");
+    assert_eq!(a.wait_event("RESUME")["event"], "RESUME");
+    assert_eq!(b.cmd(r#"{"execute":"cont"}"#), json!({"return": {}}));
+    assert_eq!(status(&mut a), "running");
+    // vcpu 0 spins in the guest again (vcpu 1 is an AP the tiny guest never
+    // starts: it waits for INIT/SIPI inside KVM either way).
+    assert!(!thread_parked(pid, tids[0]), "vcpu 0 runs again");
+    assert_eq!(
+        a.event_names(),
+        Vec::<String>::new(),
+        "no events but STOP/RESUME once"
+    );
+    assert_eq!(b.event_names(), Vec::<String>::new());
+    assert_eq!(a.cmd(r#"{"execute":"quit"}"#), json!({"return": {}}));
+    // The SHUTDOWN event comes before the reply; then the connection closes.
+    assert_eq!(
+        a.wait_event("SHUTDOWN")["data"],
+        json!({"guest": false, "reason": "host-qmp-quit"})
+    );
+    assert!(a.read().is_none(), "connection closed after quit");
+    assert_eq!(b.wait_event("SHUTDOWN")["data"]["reason"], "host-qmp-quit");
+    let (st, err) = s.vm.wait_exit(LIMIT);
+    assert_eq!(st.code(), Some(0), "{err}");
+}
+
+#[test]
+fn events_come_before_the_reply() {
+    if !kvm_available("events_come_before_the_reply") {
+        return;
+    }
+    let k = spin_guest("order");
+    let s = start("order", &k, &[]);
+    let mut q = Qmp::negotiated(&s.sock);
+    q.send("{\"execute\":\"stop\"}\n");
+    assert_eq!(q.read().unwrap()["event"], "STOP");
+    assert_eq!(q.read().unwrap(), json!({"return": {}}));
+    q.send("{\"execute\":\"system_reset\"}\n");
+    let ev = q.read().unwrap();
+    assert_eq!(ev["event"], "RESET");
+    assert_eq!(
+        ev["data"],
+        json!({"guest": false, "reason": "host-qmp-system-reset"})
+    );
+    assert_eq!(q.read().unwrap(), json!({"return": {}}));
+    assert_eq!(
+        status(&mut q),
+        "prelaunch",
+        "a reset while stopped comes back in prelaunch"
+    );
+    q.send("{\"execute\":\"system_powerdown\"}\n");
+    assert_eq!(q.read().unwrap()["event"], "POWERDOWN");
+    assert_eq!(q.read().unwrap(), json!({"return": {}}));
+}
+
+#[test]
+fn system_reset_rebuilds_and_boots_again() {
+    if !kvm_available("system_reset_rebuilds_and_boots_again") {
+        return;
+    }
+    let k = spin_guest("reset");
+    let mut s = start("reset", &k, &[]);
+    s.vm.wait_line(LIMIT, |l| l == "boot");
+    let mut q = Qmp::negotiated(&s.sock);
+    let before = vcpu_tids(&mut q);
+    assert_eq!(
+        q.cmd(r#"{"execute":"system_reset"}"#),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        q.wait_event("RESET")["data"]["reason"],
+        "host-qmp-system-reset"
+    );
+    s.vm.wait_line(LIMIT, |l| l == "boot");
+    assert_eq!(status(&mut q), "running");
+    assert_ne!(vcpu_tids(&mut q), before, "new vcpu threads");
+    // The same client keeps working across the reset.
+    assert_eq!(
+        q.cmd(r#"{"execute":"query-kvm"}"#)["return"]["present"],
+        true
+    );
+}
+
+#[test]
+fn paused_start_waits_for_cont() {
+    if !kvm_available("paused_start_waits_for_cont") {
+        return;
+    }
+    let k = spin_guest("paused");
+    let mut s = start("paused", &k, &["--paused"]);
+    let mut q = Qmp::negotiated(&s.sock);
+    assert_eq!(status(&mut q), "prelaunch");
+    for tid in vcpu_tids(&mut q) {
+        assert!(thread_parked(s.vm.pid(), tid));
+    }
+    assert_eq!(q.cmd(r#"{"execute":"stop"}"#), json!({"return": {}}));
+    assert_eq!(status(&mut q), "prelaunch", "stop does not leave prelaunch");
+    assert_eq!(q.cmd(r#"{"execute":"cont"}"#), json!({"return": {}}));
+    q.wait_event("RESUME");
+    s.vm.wait_line(LIMIT, |l| l == "boot");
+    assert_eq!(s.vm.seen, vec!["boot"], "no guest output before cont");
+    assert_eq!(status(&mut q), "running");
+}
+
+#[test]
+fn guest_poweroff_emits_shutdown_and_exits_zero() {
+    if !kvm_available("guest_poweroff_emits_shutdown_and_exits_zero") {
+        return;
+    }
+    // The guest waits to be started, then powers off.
+    let k = guest(
+        "poweroff",
+        &[&code_print(b"bye\n"), &code_out_then_halt(0x600, S5)],
+    );
+    let mut s = start("poweroff", &k, &["--paused"]);
+    let mut q = Qmp::negotiated(&s.sock);
+    q.cmd(r#"{"execute":"cont"}"#);
+    assert_eq!(
+        q.wait_event("SHUTDOWN")["data"],
+        json!({"guest": true, "reason": "guest-shutdown"})
+    );
+    assert!(q.read().is_none());
+    let (st, _) = s.vm.wait_exit(LIMIT);
+    assert_eq!(st.code(), Some(0));
+    assert_eq!(s.vm.seen, vec!["bye"]);
+}
+
+#[test]
+fn no_shutdown_keeps_the_process_and_reset_cont_boots_again() {
+    if !kvm_available("no_shutdown_keeps_the_process_and_reset_cont_boots_again") {
+        return;
+    }
+    let k = guest(
+        "noshutdown",
+        &[&code_print(b"bye\n"), &code_out_then_halt(0x600, S5)],
+    );
+    let mut s = start("noshutdown", &k, &["--no-shutdown", "--paused"]);
+    let mut q = Qmp::negotiated(&s.sock);
+    for round in 0..2 {
+        q.cmd(r#"{"execute":"cont"}"#);
+        q.wait_event("RESUME");
+        let ev = q.wait_event("SHUTDOWN");
+        assert_eq!(
+            ev["data"],
+            json!({"guest": true, "reason": "guest-shutdown"}),
+            "round {round}"
+        );
+        q.wait_event("STOP");
+        assert_eq!(status(&mut q), "shutdown");
+        assert_eq!(
+            q.cmd(r#"{"execute":"cont"}"#),
+            json!({"error": {"class": "GenericError", "desc": "Resetting the Virtual Machine is required"}})
+        );
+        assert_eq!(
+            q.cmd(r#"{"execute":"system_reset"}"#),
+            json!({"return": {}})
+        );
+        q.wait_event("RESET");
+        assert_eq!(status(&mut q), "prelaunch");
+    }
+    q.cmd(r#"{"execute":"quit"}"#);
+    let (st, _) = s.vm.wait_exit(LIMIT);
+    assert_eq!(st.code(), Some(0));
+    assert_eq!(
+        s.vm.seen.iter().filter(|l| *l == "bye").count(),
+        2,
+        "booted twice"
+    );
+}
+
+#[test]
+fn guest_reset_events_with_and_without_no_reboot() {
+    if !kvm_available("guest_reset_events_with_and_without_no_reboot") {
+        return;
+    }
+    let k = guest(
+        "guestreset",
+        &[&code_print(b"boot\n"), &code_out_then_halt(0x604, 1)],
+    );
+    let mut s = start("guestreset", &k, &["--paused"]);
+    let mut q = Qmp::negotiated(&s.sock);
+    q.cmd(r#"{"execute":"cont"}"#);
+    assert_eq!(
+        q.wait_event("RESET")["data"],
+        json!({"guest": true, "reason": "guest-reset"})
+    );
+    assert_eq!(
+        q.wait_event("RESET")["data"]["guest"],
+        true,
+        "and again: it reboots in a loop"
+    );
+    drop(s);
+
+    let mut s = start("guestreset2", &k, &["--paused", "--no-reboot"]);
+    let mut q = Qmp::negotiated(&s.sock);
+    q.cmd(r#"{"execute":"cont"}"#);
+    assert_eq!(
+        q.wait_event("SHUTDOWN")["data"],
+        json!({"guest": true, "reason": "guest-reset"})
+    );
+    let (st, _) = s.vm.wait_exit(LIMIT);
+    assert_eq!(st.code(), Some(0));
+}
+
+#[test]
+fn guest_panic_via_pvpanic() {
+    if !kvm_available("guest_panic_via_pvpanic") {
+        return;
+    }
+    let k = guest(
+        "panic",
+        &[&code_print(b"oops\n"), &code_out(0x505, 1), &CODE_SPIN],
+    );
+    let mut s = start("panic", &k, &["--paused"]);
+    let mut q = Qmp::negotiated(&s.sock);
+    q.cmd(r#"{"execute":"cont"}"#);
+    assert_eq!(
+        q.wait_event("GUEST_PANICKED")["data"],
+        json!({"action": "poweroff"})
+    );
+    assert_eq!(
+        q.wait_event("SHUTDOWN")["data"],
+        json!({"guest": true, "reason": "guest-panic"})
+    );
+    let (st, err) = s.vm.wait_exit(LIMIT);
+    assert_eq!(st.code(), Some(1));
+    assert!(err.contains("panicked"), "{err}");
+
+    let mut s = start("panic2", &k, &["--paused", "--no-shutdown"]);
+    let mut q = Qmp::negotiated(&s.sock);
+    q.cmd(r#"{"execute":"cont"}"#);
+    assert_eq!(
+        q.wait_event("GUEST_PANICKED")["data"],
+        json!({"action": "pause"})
+    );
+    q.wait_event("STOP");
+    assert_eq!(status(&mut q), "guest-panicked");
+    assert_eq!(
+        q.cmd(r#"{"execute":"cont"}"#)["error"]["desc"],
+        "Resetting the Virtual Machine is required"
+    );
+    q.cmd(r#"{"execute":"quit"}"#);
+    assert_eq!(s.vm.wait_exit(LIMIT).0.code(), Some(0));
+}
+
+#[test]
+fn kvm_failure_with_no_shutdown_is_internal_error_and_reset_recovers() {
+    if !kvm_available("kvm_failure_with_no_shutdown_is_internal_error_and_reset_recovers") {
+        return;
+    }
+    let k = guest(
+        "interr",
+        &[
+            &code_print(b"x\n"),
+            &[0xb8, 0x00, 0x00, 0x00, 0x30, 0xff, 0xe0],
+        ],
+    );
+    let mut s = start("interr", &k, &["--no-shutdown", "--memory", "64M"]);
+    s.vm.wait_line(LIMIT, |l| l == "x");
+    let mut q = Qmp::negotiated(&s.sock);
+    // The failure may already have happened; STOP marks it.
+    if status(&mut q) != "internal-error" {
+        q.wait_event("STOP");
+    }
+    assert_eq!(status(&mut q), "internal-error");
+    assert_eq!(
+        q.cmd(r#"{"execute":"system_reset"}"#),
+        json!({"return": {}})
+    );
+    assert_eq!(status(&mut q), "prelaunch");
+    q.cmd(r#"{"execute":"quit"}"#);
+    let (st, err) = s.vm.wait_exit(LIMIT);
+    assert_eq!(st.code(), Some(0));
+    assert!(err.contains("rip="), "the failure was reported: {err}");
+}
+
+#[test]
+fn endpoints_tcp_permissions_stale_and_live_sockets() {
+    use std::os::unix::fs::PermissionsExt;
+    if !kvm_available("endpoints_tcp_permissions_stale_and_live_sockets") {
+        return;
+    }
+    let k = spin_guest("endpoints");
+    let sock = socket_path("endpoints");
+    // A stale socket file (nobody listening) is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let unix = format!("unix:{}", sock.display());
+    let tcp = format!("tcp:127.0.0.1:{port}");
+    let mut vm = Vm::spawn(&["--kernel", &k, "--qmp", &unix, "--qmp", &tcp]);
+    let mut q = Qmp::negotiated(&sock);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "owner-only socket");
+    // TCP client.
+    let mut t = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    t.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut r = std::io::BufReader::new(t.try_clone().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+    assert!(line.starts_with("{\"QMP\""), "{line}");
+    t.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-chardev\"}\n")
+        .unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+    assert_eq!(line, "{\"return\": {}}\r\n");
+    line.clear();
+    std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+    assert!(
+        line.contains(&format!("tcp:127.0.0.1:{port},server=on")),
+        "{line}"
+    );
+    // A second VMM on the same live socket refuses to start.
+    let o = minivmm_tests::minivmm(&["--kernel", &k, "--qmp", &unix])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("in use by another process"));
+    assert_eq!(status(&mut q), "running", "the first VM is unaffected");
+    vm.signal(libc::SIGTERM);
+    assert_eq!(vm.wait_exit(LIMIT).0.code(), Some(143));
+    assert!(!sock.exists(), "socket removed on exit");
+}
+
+#[test]
+fn misbehaving_clients_do_not_block_the_vm() {
+    if !kvm_available("misbehaving_clients_do_not_block_the_vm") {
+        return;
+    }
+    let k = spin_guest("misbehave");
+    let mut s = start("misbehave", &k, &[]);
+    let mut good = Qmp::negotiated(&s.sock);
+    // One client floods 10 MiB without a newline, one never reads, one hangs up
+    // mid-command.
+    let mut flood = std::os::unix::net::UnixStream::connect(&s.sock).unwrap();
+    flood
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut lazy = Qmp::negotiated(&s.sock);
+    let mut hangup = std::os::unix::net::UnixStream::connect(&s.sock).unwrap();
+    hangup
+        .write_all(b"{\"execute\":\"qmp_capabilities\"}{\"execute\":\"query-sta")
+        .unwrap();
+    drop(hangup);
+    flood.write_all(b"{\"execute\":\"").unwrap();
+    let chunk = vec![b'a'; 1 << 20];
+    let mut flood_closed = false;
+    for _ in 0..10 {
+        if flood.write_all(&chunk).is_err() {
+            flood_closed = true;
+            break;
+        }
+    }
+    lazy.send(&"{\"execute\":\"query-commands\"}".repeat(2000));
+    for _ in 0..20 {
+        assert_eq!(status(&mut good), "running");
+    }
+    assert!(
+        flood_closed || {
+            // The server closed it; a read sees EOF after the greeting.
+            let mut buf = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut flood, &mut buf);
+            String::from_utf8_lossy(&buf).starts_with("{\"QMP\"")
+        }
+    );
+    s.vm.signal(libc::SIGTERM);
+    let (st, err) = s.vm.wait_exit(LIMIT);
+    assert_eq!(st.code(), Some(143));
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn socat_session() {
+    if !kvm_available("socat_session") {
+        return;
+    }
+    if Command::new("socat").arg("-V").output().is_err() {
+        minivmm_tests::loud(
+            "*** SKIPPED socat_session: socat is not installed (apt-get install socat)",
+        );
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI installs socat"
+        );
+        return;
+    }
+    let k = spin_guest("socat");
+    let s = start("socat", &k, &["--name", "ci-7"]);
+    Qmp::connect(&s.sock); // wait until it listens
+    let mut socat = Command::new("socat")
+        .arg("-")
+        .arg(format!("UNIX-CONNECT:{}", s.sock.display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = "{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-name\"}\n{\"execute\":\"stop\"}\n{\"execute\":\"quit\"}\n";
+    socat
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = socat.wait_with_output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines[0].get("QMP").is_some());
+    assert_eq!(lines[1], json!({"return": {}}));
+    assert_eq!(lines[2], json!({"return": {"name": "ci-7"}}));
+    assert_eq!(lines[3]["event"], "STOP");
+    assert_eq!(lines[4], json!({"return": {}}));
+    assert_eq!(lines[5]["event"], "SHUTDOWN");
+    assert_eq!(lines[6], json!({"return": {}}));
+    assert_eq!(lines.len(), 7);
+}
+
+#[test]
+fn qemu_qmp_library_drives_the_vm() {
+    if !kvm_available("qemu_qmp_library_drives_the_vm") {
+        return;
+    }
+    let script = minivmm_tests::repo_root().join("tests/qmp_client.py");
+    let probe = Command::new("python3")
+        .args(["-c", "import qemu.qmp"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        minivmm_tests::loud("*** SKIPPED qemu_qmp_library_drives_the_vm: python3 module qemu.qmp missing (pip install qemu.qmp)");
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI installs qemu.qmp"
+        );
+        return;
+    }
+    let k = spin_guest("pyqmp");
+    let mut s = start("pyqmp", &k, &["--name", "py"]);
+    s.vm.wait_line(LIMIT, |l| l == "boot");
+    let o = Command::new("python3")
+        .arg(&script)
+        .arg(&s.sock)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "qmp_client.py failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (st, _) = s.vm.wait_exit(LIMIT);
+    assert_eq!(st.code(), Some(0), "quit from the library");
+}
