@@ -1,6 +1,9 @@
 //! Command-line behaviour: help, and every bad input a user can give is answered with
 //! one clear line and a non-zero exit, never a panic. None of this needs a guest.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use minivmm_tests::{code_out_then_halt, minivmm, temp_file, tiny_elf};
 use std::process::Output;
 

@@ -84,6 +84,13 @@ pub fn loud(msg: &str) {
     let _ = writeln!(std::io::stderr(), "\n{msg}\n");
 }
 
+/// True in CI (`CI=true`) and wherever real-guest tests are required: optional
+/// tools (socat, the qemu.qmp module) must then be present, not skipped.
+pub fn must_run_everything() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+        || std::env::var("MINIVMM_REQUIRE_REAL_GUEST").as_deref() == Ok("1")
+}
+
 /// Whether a real Linux guest can be booted here; if not, says so loudly (or fails
 /// when `MINIVMM_REQUIRE_REAL_GUEST=1`, as in CI).
 pub fn real_guest_available(test: &str) -> bool {

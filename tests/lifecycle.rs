@@ -2,6 +2,9 @@
 //! loaded as an ELF kernel). They need a /dev/kvm but not hardware virtualization,
 //! so they run directly on PVM hosts as well as in the nested runner.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use minivmm_tests::{

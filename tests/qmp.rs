@@ -2,6 +2,9 @@
 //! state transition, on any /dev/kvm (PVM included). Real-guest QMP tests (ACPI
 //! power button, reboot of a Linux guest, qemu.qmp, socat) are in real_guest.rs.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -421,7 +424,7 @@ fn guest_reset_events_with_and_without_no_reboot() {
         "guestreset",
         &[&code_print(b"boot\n"), &code_out_then_halt(0x604, 1)],
     );
-    let mut s = start("guestreset", &k, &["--paused"]);
+    let s = start("guestreset", &k, &["--paused"]);
     let mut q = Qmp::negotiated(&s.sock);
     q.cmd(r#"{"execute":"cont"}"#);
     assert_eq!(

@@ -7,6 +7,9 @@
 //! Each test boots once and checks several facts; the guest boots with `quiet`
 //! because serial output is slow in nested runs.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use minivmm_tests::{images_dir, real_guest_available, Vm};
@@ -126,4 +129,161 @@ fn serial_console_takes_input() {
     vm.type_text("poweroff -f\n");
     let (st, err) = vm.wait_exit(BOOT);
     assert_eq!(st.code(), Some(0), "stderr: {err}");
+}
+
+fn qmp_socket(test: &str) -> (std::path::PathBuf, String) {
+    let p = minivmm_tests::socket_path(test);
+    let spec = format!("unix:{}", p.display());
+    (p, spec)
+}
+
+#[test]
+fn qmp_drives_a_linux_guest_through_reset_and_acpi_powerdown() {
+    use minivmm_tests::Qmp;
+    use serde_json::json;
+    if !real_guest_available("qmp_drives_a_linux_guest_through_reset_and_acpi_powerdown") {
+        return;
+    }
+    let (sock, spec) = qmp_socket("rg-qmp");
+    let mut vm = boot(
+        "vmlinuz",
+        "console=ttyS0 quiet minivmm.action=wait",
+        &["--qmp", &spec, "--paused", "--cpus", "2"],
+    );
+    let mut fresh = Qmp::connect(&sock);
+    assert!(fresh.greeting["QMP"]["version"]["package"]
+        .as_str()
+        .unwrap()
+        .starts_with("minivmm"));
+    assert_eq!(
+        fresh.cmd(r#"{"execute":"stop"}"#)["error"]["class"],
+        "CommandNotFound",
+        "commands before negotiation are refused"
+    );
+    let mut a = Qmp::negotiated(&sock);
+    let mut b = Qmp::negotiated(&sock);
+    let status = |q: &mut Qmp| q.cmd(r#"{"execute":"query-status"}"#)["return"]["status"].clone();
+    assert_eq!(status(&mut a), "prelaunch");
+    assert_eq!(a.cmd(r#"{"execute":"cont"}"#), json!({"return": {}}));
+    a.wait_event("RESUME");
+    b.wait_event("RESUME");
+    let banner = vm.wait_banner(BOOT);
+    assert_eq!(banner.nproc, 2);
+
+    // stop/cont with events to both clients.
+    assert_eq!(a.cmd(r#"{"execute":"stop"}"#), json!({"return": {}}));
+    a.wait_event("STOP");
+    b.wait_event("STOP");
+    assert_eq!(status(&mut b), "paused");
+    assert_eq!(b.cmd(r#"{"execute":"cont"}"#), json!({"return": {}}));
+    a.wait_event("RESUME");
+    b.wait_event("RESUME");
+    assert_eq!(status(&mut a), "running");
+
+    // system_reset reboots the guest: banner twice.
+    assert_eq!(
+        a.cmd(r#"{"execute":"system_reset"}"#),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        b.wait_event("RESET")["data"],
+        json!({"guest": false, "reason": "host-qmp-system-reset"})
+    );
+    a.wait_event("RESET");
+    vm.wait_banner(BOOT);
+
+    // A socat session alongside.
+    if std::process::Command::new("socat")
+        .arg("-V")
+        .output()
+        .is_ok()
+    {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "printf '%s\\n' '{{\"execute\":\"qmp_capabilities\"}}' '{{\"execute\":\"query-status\"}}' | socat - UNIX-CONNECT:{}",
+                sock.display()
+            ))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(
+                r#"{"return": {"status": "running", "singlestep": false, "running": true}}"#
+            ),
+            "socat session: {text}"
+        );
+    } else {
+        assert!(!minivmm_tests::must_run_everything(), "CI installs socat");
+    }
+
+    // ACPI power button: the guest's acpid powers it off.
+    assert_eq!(
+        a.cmd(r#"{"execute":"system_powerdown"}"#),
+        json!({"return": {}})
+    );
+    a.wait_event("POWERDOWN");
+    assert_eq!(
+        b.wait_event("SHUTDOWN")["data"],
+        json!({"guest": true, "reason": "guest-shutdown"})
+    );
+    let (st, err) = vm.wait_exit(BOOT);
+    assert_eq!(st.code(), Some(0), "stderr: {err}");
+}
+
+#[test]
+fn qemu_qmp_library_and_guest_panic() {
+    use minivmm_tests::Qmp;
+    use serde_json::json;
+    if !real_guest_available("qemu_qmp_library_and_guest_panic") {
+        return;
+    }
+    // qemu.qmp: query-status, stop/cont, system_reset, quit (tests/qmp_client.py).
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import qemu.qmp"])
+        .output();
+    if probe.is_ok_and(|o| o.status.success()) {
+        let (sock, spec) = qmp_socket("rg-py");
+        let mut vm = boot(
+            "vmlinuz",
+            "console=ttyS0 quiet minivmm.action=wait",
+            &["--qmp", &spec, "--name", "py"],
+        );
+        vm.wait_banner(BOOT);
+        let o = std::process::Command::new("python3")
+            .arg(minivmm_tests::repo_root().join("tests/qmp_client.py"))
+            .arg(&sock)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "qmp_client.py:\n{}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let (st, err) = vm.wait_exit(BOOT);
+        assert_eq!(st.code(), Some(0), "quit: {err}");
+    } else {
+        assert!(
+            !minivmm_tests::must_run_everything(),
+            "CI installs qemu.qmp"
+        );
+        minivmm_tests::loud("*** SKIPPED the qemu.qmp part: python3 module qemu.qmp missing");
+    }
+
+    // A kernel panic reaches the host through pvpanic.
+    let (sock, spec) = qmp_socket("rg-panic");
+    let mut vm = boot(
+        "vmlinuz",
+        "console=ttyS0 quiet minivmm.action=panic",
+        &["--qmp", &spec],
+    );
+    let mut q = Qmp::negotiated(&sock);
+    assert_eq!(
+        q.wait_event("GUEST_PANICKED")["data"],
+        json!({"action": "poweroff"})
+    );
+    let (st, err) = vm.wait_exit(BOOT);
+    assert_eq!(st.code(), Some(1), "a panicked guest exits 1: {err}");
+    assert!(err.contains("panicked"), "{err}");
 }
