@@ -11,6 +11,7 @@ pub mod i8042;
 pub mod power_button;
 pub mod pvpanic;
 pub mod serial;
+pub mod virtio;
 
 use std::io;
 

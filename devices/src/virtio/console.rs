@@ -1,0 +1,694 @@
+//! virtio-console with VIRTIO_CONSOLE_F_MULTIPORT, carrying one named port for the
+//! QEMU guest agent.
+//!
+//! Queues: 0/1 receive/transmit of port 0 (reserved for a console, as QEMU does;
+//! never added), 2/3 control receive (host→guest) / transmit (guest→host), 4/5
+//! receive/transmit of port 1, the agent port.
+//!
+//! Handshake (what Linux expects): the guest sends DEVICE_READY; the device sends
+//! PORT_ADD for port 1; the guest answers PORT_READY; the device sends PORT_NAME
+//! ("org.qemu.guest_agent.0") and PORT_OPEN (the host side is always connected:
+//! the agent proxy is in-process). The guest's own PORT_OPEN messages say whether
+//! a guest program has the port open.
+//!
+//! Host→guest data waits while the guest has the port closed; control messages
+//! wait for control buffers; both are bounded. Guest mistakes (bad descriptors)
+//! fail the device (NEEDS_RESET); messages for unknown ports are ignored.
+
+use std::collections::VecDeque;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use super::{DeviceFailure, QueueContext, VirtioDevice, INT_VRING};
+
+/// The name of the agent port.
+pub const AGENT_PORT_NAME: &str = "org.qemu.guest_agent.0";
+/// VIRTIO_CONSOLE_F_MULTIPORT.
+pub const VIRTIO_CONSOLE_F_MULTIPORT: u64 = 1 << 1;
+/// Virtio device id of a console.
+pub const VIRTIO_ID_CONSOLE: u32 = 3;
+/// Host→guest bytes held while the guest is not reading.
+pub const MAX_PENDING_TO_GUEST: usize = 4 << 20;
+/// Guest→host bytes held until the VMM collects them.
+pub const MAX_PENDING_FROM_GUEST: usize = 4 << 20;
+const MAX_PENDING_CONTROL: usize = 64;
+const QUEUE_SIZE: u16 = 256;
+const PORTS: u32 = 2;
+const AGENT_PORT: u32 = 1;
+
+const RX0: usize = 0;
+const TX0: usize = 1;
+const CTRL_RX: usize = 2;
+const CTRL_TX: usize = 3;
+const RX1: usize = 4;
+const TX1: usize = 5;
+
+/// Control events (struct virtio_console_control.event).
+mod event {
+    pub const DEVICE_READY: u16 = 0;
+    pub const PORT_ADD: u16 = 1;
+    pub const PORT_REMOVE: u16 = 2;
+    pub const PORT_READY: u16 = 3;
+    pub const CONSOLE_PORT: u16 = 4;
+    pub const RESIZE: u16 = 5;
+    pub const PORT_OPEN: u16 = 6;
+    pub const PORT_NAME: u16 = 7;
+}
+
+fn control(id: u32, ev: u16, value: u16) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8);
+    v.extend_from_slice(&id.to_le_bytes());
+    v.extend_from_slice(&ev.to_le_bytes());
+    v.extend_from_slice(&value.to_le_bytes());
+    v
+}
+
+/// The console device.
+#[derive(Debug)]
+pub struct Console {
+    name: String,
+    port_added: bool,
+    guest_open: bool,
+    to_guest: VecDeque<u8>,
+    from_guest: Vec<u8>,
+    control_out: VecDeque<Vec<u8>>,
+    port_changes: Vec<bool>,
+    dropped_from_guest: usize,
+}
+
+impl Default for Console {
+    fn default() -> Self {
+        Self::new(AGENT_PORT_NAME)
+    }
+}
+
+impl Console {
+    /// A console whose port 1 is called `name`.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            port_added: false,
+            guest_open: false,
+            to_guest: VecDeque::new(),
+            from_guest: Vec::new(),
+            control_out: VecDeque::new(),
+            port_changes: Vec::new(),
+            dropped_from_guest: 0,
+        }
+    }
+
+    /// Whether a guest program has the port open.
+    pub fn guest_open(&self) -> bool {
+        self.guest_open
+    }
+
+    /// Open/close changes of the guest side since the last call, in order.
+    pub fn take_port_changes(&mut self) -> Vec<bool> {
+        std::mem::take(&mut self.port_changes)
+    }
+
+    /// Bytes the guest wrote to the port since the last call.
+    pub fn take_from_guest(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.from_guest)
+    }
+
+    /// Bytes waiting to reach the guest.
+    pub fn pending_to_guest(&self) -> usize {
+        self.to_guest.len()
+    }
+
+    /// Queues `data` for the guest and delivers what the guest's buffers take;
+    /// returns how many bytes were accepted (the rest would exceed the bound).
+    pub fn send_to_guest(
+        &mut self,
+        data: &[u8],
+        ctx: &mut QueueContext,
+    ) -> Result<usize, DeviceFailure> {
+        let room = MAX_PENDING_TO_GUEST.saturating_sub(self.to_guest.len());
+        let n = room.min(data.len());
+        self.to_guest.extend(&data[..n]);
+        self.flush_rx(ctx)?;
+        Ok(n)
+    }
+
+    /// Drops host→guest bytes not yet delivered (the host side lost its peer).
+    pub fn discard_to_guest(&mut self) {
+        self.to_guest.clear();
+    }
+
+    fn queue_control(&mut self, msg: Vec<u8>) {
+        if self.control_out.len() >= MAX_PENDING_CONTROL {
+            log::warn!("virtio-console: control queue full; dropping a control message");
+            return;
+        }
+        self.control_out.push_back(msg);
+    }
+
+    fn flush_control(&mut self, ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
+        let mut used = false;
+        while let Some(msg) = self.control_out.front() {
+            let Some(n) = write_to_next_buffer(ctx.mem, &mut ctx.queues[CTRL_RX], msg)? else {
+                break;
+            };
+            if n < msg.len() {
+                log::warn!(
+                    "virtio-console: control buffer too small ({n} < {})",
+                    msg.len()
+                );
+            }
+            self.control_out.pop_front();
+            used = true;
+        }
+        if used {
+            ctx.interrupt.trigger(INT_VRING);
+        }
+        Ok(())
+    }
+
+    fn flush_rx(&mut self, ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
+        if !self.guest_open {
+            return Ok(());
+        }
+        let mut used = false;
+        while !self.to_guest.is_empty() {
+            let (a, b) = self.to_guest.as_slices();
+            let chunk: Vec<u8> = if a.len() >= 64 * 1024 || b.is_empty() {
+                a[..a.len().min(64 * 1024)].to_vec()
+            } else {
+                a.iter().chain(b.iter()).take(64 * 1024).copied().collect()
+            };
+            let Some(n) = write_to_next_buffer(ctx.mem, &mut ctx.queues[RX1], &chunk)? else {
+                break;
+            };
+            self.to_guest.drain(..n);
+            used = true;
+        }
+        if used {
+            ctx.interrupt.trigger(INT_VRING);
+        }
+        Ok(())
+    }
+
+    fn handle_control(&mut self, msg: &[u8]) {
+        if msg.len() < 8 {
+            log::debug!(
+                "virtio-console: short control message ({} bytes)",
+                msg.len()
+            );
+            return;
+        }
+        let id = u32::from_le_bytes([msg[0], msg[1], msg[2], msg[3]]);
+        let ev = u16::from_le_bytes([msg[4], msg[5]]);
+        let value = u16::from_le_bytes([msg[6], msg[7]]);
+        match ev {
+            event::DEVICE_READY => {
+                if value != 1 {
+                    log::warn!("virtio-console: the guest driver failed to initialise");
+                    return;
+                }
+                if !self.port_added {
+                    self.port_added = true;
+                    self.queue_control(control(AGENT_PORT, event::PORT_ADD, 0));
+                }
+            }
+            event::PORT_READY if id == AGENT_PORT => {
+                if value != 1 {
+                    log::warn!("virtio-console: the guest could not add port {id}");
+                    return;
+                }
+                let mut name = control(AGENT_PORT, event::PORT_NAME, 1);
+                name.extend_from_slice(self.name.as_bytes());
+                self.queue_control(name);
+                self.queue_control(control(AGENT_PORT, event::PORT_OPEN, 1));
+            }
+            event::PORT_OPEN if id == AGENT_PORT => {
+                let open = value == 1;
+                if open != self.guest_open {
+                    self.guest_open = open;
+                    self.port_changes.push(open);
+                }
+            }
+            event::PORT_READY | event::PORT_OPEN => {
+                log::warn!("virtio-console: control message for unknown port {id} ignored");
+            }
+            event::PORT_ADD
+            | event::PORT_REMOVE
+            | event::CONSOLE_PORT
+            | event::RESIZE
+            | event::PORT_NAME => {
+                log::debug!("virtio-console: guest sent host-only control event {ev}");
+            }
+            other => log::debug!("virtio-console: unknown control event {other}"),
+        }
+    }
+}
+
+/// Reads the readable part of the next chain on `q`; returns (head, bytes), or None
+/// when the queue is empty.
+fn read_next_chain(
+    mem: &GuestMemoryMmap,
+    q: &mut Queue,
+    limit: usize,
+) -> Result<Option<(u16, Vec<u8>)>, DeviceFailure> {
+    let Some(chain) = q.pop_descriptor_chain(mem) else {
+        return Ok(None);
+    };
+    let head = chain.head_index();
+    let mut data = Vec::new();
+    for desc in chain {
+        if desc.is_write_only() {
+            continue;
+        }
+        let len = desc.len() as usize;
+        if data.len() + len > limit {
+            return Err(DeviceFailure(format!(
+                "guest buffer larger than {limit} bytes"
+            )));
+        }
+        let start = data.len();
+        data.resize(start + len, 0);
+        mem.read_slice(&mut data[start..], desc.addr())
+            .map_err(|e| DeviceFailure(format!("bad descriptor address: {e}")))?;
+    }
+    Ok(Some((head, data)))
+}
+
+/// Writes `data` into the next chain's writable buffers; returns the bytes written,
+/// or None when the guest has no buffer available.
+fn write_to_next_buffer(
+    mem: &GuestMemoryMmap,
+    q: &mut Queue,
+    data: &[u8],
+) -> Result<Option<usize>, DeviceFailure> {
+    let Some(chain) = q.pop_descriptor_chain(mem) else {
+        return Ok(None);
+    };
+    let head = chain.head_index();
+    let mut written = 0;
+    for desc in chain {
+        if !desc.is_write_only() || written == data.len() {
+            continue;
+        }
+        let n = (desc.len() as usize).min(data.len() - written);
+        mem.write_slice(&data[written..written + n], desc.addr())
+            .map_err(|e| DeviceFailure(format!("bad descriptor address: {e}")))?;
+        written += n;
+    }
+    q.add_used(mem, head, written as u32)
+        .map_err(|e| DeviceFailure(format!("used ring: {e:?}")))?;
+    Ok(Some(written))
+}
+
+fn complete(mem: &GuestMemoryMmap, q: &mut Queue, head: u16) -> Result<(), DeviceFailure> {
+    q.add_used(mem, head, 0)
+        .map_err(|e| DeviceFailure(format!("used ring: {e:?}")))
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_CONSOLE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 6]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_CONSOLE_F_MULTIPORT
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_console_config { u16 cols; u16 rows; u32 max_nr_ports; u32 emerg_wr; }
+        let mut cfg = [0u8; 12];
+        cfg[4..8].copy_from_slice(&PORTS.to_le_bytes());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, features: u64, _ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
+        if features & VIRTIO_CONSOLE_F_MULTIPORT == 0 {
+            return Err(DeviceFailure(
+                "the driver did not accept VIRTIO_CONSOLE_F_MULTIPORT".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize, ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
+        match index {
+            CTRL_TX => {
+                let mut any = false;
+                while let Some((head, msg)) =
+                    read_next_chain(ctx.mem, &mut ctx.queues[CTRL_TX], 4096)?
+                {
+                    self.handle_control(&msg);
+                    complete(ctx.mem, &mut ctx.queues[CTRL_TX], head)?;
+                    any = true;
+                }
+                if any {
+                    ctx.interrupt.trigger(INT_VRING);
+                }
+                self.flush_control(ctx)?;
+                self.flush_rx(ctx)
+            }
+            TX1 => {
+                let mut any = false;
+                while let Some((head, data)) =
+                    read_next_chain(ctx.mem, &mut ctx.queues[TX1], 1 << 20)?
+                {
+                    let room = MAX_PENDING_FROM_GUEST.saturating_sub(self.from_guest.len());
+                    if data.len() > room {
+                        self.dropped_from_guest += data.len() - room;
+                        log::warn!(
+                            "virtio-console: host side not reading; {} bytes dropped",
+                            self.dropped_from_guest
+                        );
+                    }
+                    self.from_guest
+                        .extend_from_slice(&data[..data.len().min(room)]);
+                    complete(ctx.mem, &mut ctx.queues[TX1], head)?;
+                    any = true;
+                }
+                if any {
+                    ctx.interrupt.trigger(INT_VRING);
+                }
+                Ok(())
+            }
+            TX0 => {
+                // Port 0 was never added: discard anything sent on it.
+                let mut any = false;
+                while let Some((head, _)) = read_next_chain(ctx.mem, &mut ctx.queues[TX0], 1 << 20)?
+                {
+                    complete(ctx.mem, &mut ctx.queues[TX0], head)?;
+                    any = true;
+                }
+                if any {
+                    ctx.interrupt.trigger(INT_VRING);
+                }
+                Ok(())
+            }
+            CTRL_RX => self.flush_control(ctx),
+            RX1 => self.flush_rx(ctx),
+            RX0 => Ok(()),
+            _ => Ok(()),
+        }
+    }
+
+    fn reset(&mut self) {
+        let name = std::mem::take(&mut self.name);
+        let was_open = self.guest_open;
+        *self = Console::new(&name);
+        if was_open {
+            self.port_changes.push(false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::Interrupt;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    const BUF_BASE: u64 = 0x10_0000;
+
+    /// Plays the guest driver with virtio-queue's mock split queues.
+    struct Guest<'a> {
+        mem: &'a GuestMemoryMmap,
+        mocks: Vec<MockSplitQueue<'a, GuestMemoryMmap>>,
+        queues: Vec<Queue>,
+        interrupt: Interrupt,
+        next_desc: Vec<u16>,
+        used_seen: Vec<u16>,
+        next_buf: u64,
+    }
+
+    impl<'a> Guest<'a> {
+        fn new(mem: &'a GuestMemoryMmap) -> Self {
+            let mocks: Vec<_> = (0..6)
+                .map(|i| MockSplitQueue::create(mem, GuestAddress(0x1_0000 * (i + 1)), 16))
+                .collect();
+            let queues = mocks
+                .iter()
+                .map(|m| m.create_queue::<Queue>().unwrap())
+                .collect();
+            Guest {
+                mem,
+                mocks,
+                queues,
+                interrupt: Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+                next_desc: vec![0; 6],
+                used_seen: vec![0; 6],
+                next_buf: BUF_BASE,
+            }
+        }
+
+        fn ctx(&mut self) -> QueueContext<'_> {
+            QueueContext {
+                mem: self.mem,
+                queues: &mut self.queues,
+                interrupt: &self.interrupt,
+            }
+        }
+
+        fn alloc(&mut self, len: u32) -> u64 {
+            let a = self.next_buf;
+            self.next_buf += u64::from(len.max(1)).next_multiple_of(64);
+            a
+        }
+
+        fn add(&mut self, q: usize, addr: u64, len: u32, write: bool) {
+            let flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+            let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0));
+            let at = self.next_desc[q];
+            self.mocks[q].add_desc_chains(&[d], at).unwrap();
+            self.next_desc[q] += 1;
+        }
+
+        /// Offers a writable buffer of `len` bytes on queue `q`; returns its address.
+        fn offer(&mut self, q: usize, len: u32) -> u64 {
+            let a = self.alloc(len);
+            self.add(q, a, len, true);
+            a
+        }
+
+        /// Sends `data` on queue `q` (a readable buffer).
+        fn send(&mut self, q: usize, data: &[u8]) {
+            let a = self.alloc(data.len() as u32);
+            self.mem.write_slice(data, GuestAddress(a)).unwrap();
+            self.add(q, a, data.len() as u32, false);
+        }
+
+        /// New used entries on queue `q`: (descriptor id, length).
+        fn used(&mut self, q: usize) -> Vec<(u32, u32)> {
+            let idx = self.mocks[q].used().idx().load();
+            let mut out = vec![];
+            while self.used_seen[q] != idx {
+                let e = self.mocks[q]
+                    .used()
+                    .ring()
+                    .ref_at(self.used_seen[q] as usize % 16)
+                    .unwrap()
+                    .load();
+                out.push((e.id(), e.len()));
+                self.used_seen[q] = self.used_seen[q].wrapping_add(1);
+            }
+            out
+        }
+
+        fn read(&self, addr: u64, len: u32) -> Vec<u8> {
+            let mut v = vec![0u8; len as usize];
+            self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+            v
+        }
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
+    }
+
+    /// Runs the Linux handshake; returns the console with port 1 open.
+    fn handshake(g: &mut Guest) -> Console {
+        let mut c = Console::default();
+        c.activate(VIRTIO_CONSOLE_F_MULTIPORT, &mut g.ctx())
+            .unwrap();
+        let ctl: Vec<u64> = (0..4).map(|_| g.offer(CTRL_RX, 64)).collect();
+        g.send(CTRL_TX, &control(0xffff_ffff, event::DEVICE_READY, 1));
+        c.process_queue(CTRL_TX, &mut g.ctx()).unwrap();
+        assert_eq!(g.used(CTRL_TX).len(), 1, "control message consumed");
+        let used = g.used(CTRL_RX);
+        assert_eq!(used, vec![(0, 8)]);
+        assert_eq!(g.read(ctl[0], 8), control(1, event::PORT_ADD, 0));
+        g.send(CTRL_TX, &control(1, event::PORT_READY, 1));
+        c.process_queue(CTRL_TX, &mut g.ctx()).unwrap();
+        let used = g.used(CTRL_RX);
+        assert_eq!(used.len(), 2);
+        let mut name = control(1, event::PORT_NAME, 1);
+        name.extend_from_slice(AGENT_PORT_NAME.as_bytes());
+        assert_eq!(used[0].1 as usize, name.len());
+        assert_eq!(g.read(ctl[1], name.len() as u32), name);
+        assert_eq!(
+            g.read(ctl[2], 8),
+            control(1, event::PORT_OPEN, 1),
+            "host side open"
+        );
+        assert!(!c.guest_open());
+        g.send(CTRL_TX, &control(1, event::PORT_OPEN, 1));
+        c.process_queue(CTRL_TX, &mut g.ctx()).unwrap();
+        assert!(c.guest_open());
+        assert_eq!(c.take_port_changes(), vec![true]);
+        assert_ne!(g.interrupt.status() & INT_VRING, 0);
+        c
+    }
+
+    #[test]
+    fn config_space_advertises_two_ports_and_features() {
+        let c = Console::default();
+        let mut b = [0u8; 4];
+        c.read_config(4, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 2);
+        assert_eq!(c.features() & 1, 0, "no VIRTIO_CONSOLE_F_SIZE");
+        assert_ne!(c.features() & VIRTIO_CONSOLE_F_MULTIPORT, 0);
+        assert_eq!(c.queue_max_sizes().len(), 6);
+        let mut far = [0xffu8; 2];
+        c.read_config(100, &mut far);
+        assert_eq!(far, [0, 0]);
+    }
+
+    #[test]
+    fn handshake_then_data_both_ways() {
+        let m = mem();
+        let mut g = Guest::new(&m);
+        let mut c = handshake(&mut g);
+        // Host → guest.
+        let rx = g.offer(RX1, 64);
+        assert_eq!(
+            c.send_to_guest(b"{\"return\": {}}\n", &mut g.ctx())
+                .unwrap(),
+            15
+        );
+        assert_eq!(g.used(RX1), vec![(0, 15)]);
+        assert_eq!(g.read(rx, 15), b"{\"return\": {}}\n");
+        // Guest → host.
+        g.send(TX1, b"{\"execute\":\"guest-ping\"}\n");
+        c.process_queue(TX1, &mut g.ctx()).unwrap();
+        assert_eq!(c.take_from_guest(), b"{\"execute\":\"guest-ping\"}\n");
+        assert_eq!(g.used(TX1).len(), 1);
+        assert!(c.take_from_guest().is_empty());
+    }
+
+    #[test]
+    fn data_waits_while_the_guest_has_the_port_closed() {
+        let m = mem();
+        let mut g = Guest::new(&m);
+        let mut c = handshake(&mut g);
+        g.send(CTRL_TX, &control(1, event::PORT_OPEN, 0));
+        c.process_queue(CTRL_TX, &mut g.ctx()).unwrap();
+        assert_eq!(c.take_port_changes(), vec![false]);
+        let rx = g.offer(RX1, 64);
+        c.send_to_guest(b"held", &mut g.ctx()).unwrap();
+        assert!(g.used(RX1).is_empty(), "nothing delivered while closed");
+        assert_eq!(c.pending_to_guest(), 4);
+        g.send(CTRL_TX, &control(1, event::PORT_OPEN, 1));
+        c.process_queue(CTRL_TX, &mut g.ctx()).unwrap();
+        assert_eq!(g.used(RX1), vec![(0, 4)]);
+        assert_eq!(g.read(rx, 4), b"held");
+    }
+
+    #[test]
+    fn data_larger_than_buffers_is_split_and_waits_for_buffers() {
+        let m = mem();
+        let mut g = Guest::new(&m);
+        let mut c = handshake(&mut g);
+        c.send_to_guest(b"0123456789", &mut g.ctx()).unwrap();
+        assert_eq!(c.pending_to_guest(), 10, "no buffer yet");
+        let a = g.offer(RX1, 4);
+        let b = g.offer(RX1, 4);
+        c.process_queue(RX1, &mut g.ctx()).unwrap();
+        assert_eq!(g.used(RX1), vec![(0, 4), (1, 4)]);
+        assert_eq!(g.read(a, 4), b"0123");
+        assert_eq!(g.read(b, 4), b"4567");
+        assert_eq!(c.pending_to_guest(), 2);
+    }
+
+    #[test]
+    fn control_messages_wait_for_control_buffers() {
+        let m = mem();
+        let mut g = Guest::new(&m);
+        let mut c = Console::default();
+        g.send(CTRL_TX, &control(0, event::DEVICE_READY, 1));
+        c.process_queue(CTRL_TX, &mut g.ctx()).unwrap();
+        assert!(g.used(CTRL_RX).is_empty());
+        let buf = g.offer(CTRL_RX, 64);
+        c.process_queue(CTRL_RX, &mut g.ctx()).unwrap();
+        assert_eq!(g.used(CTRL_RX), vec![(0, 8)]);
+        assert_eq!(g.read(buf, 8), control(1, event::PORT_ADD, 0));
+    }
+
+    #[test]
+    fn misbehaving_guest_never_panics() {
+        let m = mem();
+        let mut g = Guest::new(&m);
+        let mut c = handshake(&mut g);
+        // Control messages for unknown ports, short messages, host-only events.
+        g.send(CTRL_TX, &control(7, event::PORT_OPEN, 1));
+        g.send(CTRL_TX, &[1, 2, 3]);
+        g.send(CTRL_TX, &control(1, event::PORT_NAME, 1));
+        g.send(CTRL_TX, &control(1, 99, 1));
+        c.process_queue(CTRL_TX, &mut g.ctx()).unwrap();
+        assert!(c.guest_open(), "port 1 unaffected");
+        // A zero-length receive buffer is returned empty.
+        g.offer(RX1, 0);
+        let rx = g.offer(RX1, 8);
+        c.send_to_guest(b"abc", &mut g.ctx()).unwrap();
+        assert_eq!(g.used(RX1), vec![(0, 0), (1, 3)]);
+        assert_eq!(g.read(rx, 3), b"abc");
+        // Data on the never-added port 0 is discarded.
+        g.send(TX0, b"junk");
+        c.process_queue(TX0, &mut g.ctx()).unwrap();
+        assert!(c.take_from_guest().is_empty());
+        // A descriptor outside guest memory fails the device instead of panicking.
+        g.add(TX1, 0x1_0000_0000, 16, false);
+        assert!(c.process_queue(TX1, &mut g.ctx()).is_err());
+    }
+
+    #[test]
+    fn oversized_guest_buffer_fails_the_device() {
+        let m = mem();
+        let mut g = Guest::new(&m);
+        let mut c = handshake(&mut g);
+        g.add(CTRL_TX, BUF_BASE, 1 << 20, false);
+        assert!(c.process_queue(CTRL_TX, &mut g.ctx()).is_err());
+    }
+
+    #[test]
+    fn host_to_guest_data_is_bounded() {
+        let m = mem();
+        let mut g = Guest::new(&m);
+        let mut c = handshake(&mut g);
+        let big = vec![b'x'; MAX_PENDING_TO_GUEST + 100];
+        assert_eq!(
+            c.send_to_guest(&big, &mut g.ctx()).unwrap(),
+            MAX_PENDING_TO_GUEST
+        );
+        assert_eq!(c.send_to_guest(b"more", &mut g.ctx()).unwrap(), 0);
+        c.discard_to_guest();
+        assert_eq!(c.pending_to_guest(), 0);
+    }
+
+    #[test]
+    fn reset_forgets_the_port_and_reports_it_closed() {
+        let m = mem();
+        let mut g = Guest::new(&m);
+        let mut c = handshake(&mut g);
+        c.reset();
+        assert!(!c.guest_open());
+        assert_eq!(c.take_port_changes(), vec![false]);
+    }
+}

@@ -1,0 +1,579 @@
+//! The virtio-mmio transport, version 2 ("modern") register layout.
+
+use std::sync::Arc;
+
+use acpi_tables::{aml, Aml, AmlSink};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_bindings::virtio_mmio::*;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Interrupt, QueueContext, VirtioDevice, INT_CONFIG};
+use crate::bus::BusDevice;
+
+/// Size of one device's register window.
+pub const MMIO_WINDOW: u64 = 0x1000;
+/// VIRTIO_F_VERSION_1.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VENDOR: u32 = 0x4d56_4d4d; // "MMVM"
+
+/// Transport state plus the device behind it.
+pub struct MmioTransport<D: VirtioDevice> {
+    device: D,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    queue_evts: Vec<EventFd>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    config_generation: u32,
+    active: bool,
+    failed: bool,
+}
+
+impl<D: VirtioDevice> MmioTransport<D> {
+    /// A transport for `device` over `mem`, interrupting through `irqfd`.
+    pub fn new(device: D, mem: GuestMemoryMmap, irqfd: EventFd) -> std::io::Result<Self> {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&m| Queue::new(m).map_err(|e| std::io::Error::other(format!("{e:?}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let queue_evts = (0..queues.len())
+            .map(|_| EventFd::new(libc_efd_nonblock()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            device,
+            mem,
+            interrupt: Arc::new(Interrupt::new(irqfd)),
+            queues,
+            queue_evts,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            config_generation: 0,
+            active: false,
+            failed: false,
+        })
+    }
+
+    /// The eventfd KVM signals when the guest notifies queue `i` (register it as an
+    /// ioeventfd at `base + QUEUE_NOTIFY` with datamatch `i`).
+    pub fn queue_evts(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// The device.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// Whether the driver activated the device and it has not failed.
+    pub fn is_active(&self) -> bool {
+        self.active && !self.failed
+    }
+
+    /// Runs `f` on the device with its queues, if the device is active; a
+    /// [`super::DeviceFailure`] puts the device in the failed state.
+    pub fn with_device<T>(
+        &mut self,
+        f: impl FnOnce(&mut D, &mut QueueContext) -> Result<T, super::DeviceFailure>,
+    ) -> Option<T> {
+        if !self.is_active() {
+            return None;
+        }
+        let mut ctx = QueueContext {
+            mem: &self.mem,
+            queues: &mut self.queues,
+            interrupt: &self.interrupt,
+        };
+        match f(&mut self.device, &mut ctx) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.fail(&e.0);
+                None
+            }
+        }
+    }
+
+    /// Queue `index` was notified.
+    pub fn notify(&mut self, index: usize) {
+        if index >= self.queues.len() {
+            return;
+        }
+        self.with_device(|d, ctx| d.process_queue(index, ctx));
+    }
+
+    fn fail(&mut self, why: &str) {
+        log::warn!("virtio: device failed: {why}; the driver must reset it");
+        self.failed = true;
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.interrupt.trigger(INT_CONFIG);
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.status = 0;
+        self.active = false;
+        self.failed = false;
+        self.interrupt.clear();
+    }
+
+    fn device_features(&self) -> u64 {
+        self.device.features() | VIRTIO_F_VERSION_1
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        if v & VIRTIO_CONFIG_S_FAILED != 0 {
+            self.status |= VIRTIO_CONFIG_S_FAILED;
+            return;
+        }
+        let mut v = v;
+        if v & VIRTIO_CONFIG_S_FEATURES_OK != 0 && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+            let offered = self.device_features();
+            let ok = self.driver_features & !offered == 0
+                && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+            if !ok {
+                log::warn!(
+                    "virtio: driver features {:#x} not acceptable (offered {offered:#x})",
+                    self.driver_features
+                );
+                v &= !VIRTIO_CONFIG_S_FEATURES_OK;
+            }
+        }
+        let newly_ok =
+            v & VIRTIO_CONFIG_S_DRIVER_OK != 0 && self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0;
+        self.status = v | (self.status & VIRTIO_CONFIG_S_NEEDS_RESET);
+        if newly_ok && !self.active {
+            if self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+                self.fail("DRIVER_OK without FEATURES_OK");
+                return;
+            }
+            for (i, q) in self.queues.iter().enumerate() {
+                if q.ready() && !q.is_valid(&self.mem) {
+                    let why = format!("queue {i} is not valid");
+                    self.fail(&why);
+                    return;
+                }
+            }
+            self.active = true;
+            let features = self.driver_features;
+            if self
+                .with_device(|d, ctx| d.activate(features, ctx))
+                .is_none()
+            {
+                self.active = false;
+            }
+        }
+    }
+
+    fn read_reg(&mut self, offset: u32) -> u32 {
+        match offset {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+            VIRTIO_MMIO_VERSION => 2,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device_features() as u32,
+                1 => (self.device_features() >> 32) as u32,
+                _ => 0,
+            },
+            VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
+            VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            _ => {
+                log::debug!("virtio-mmio: read of register {offset:#x}");
+                0
+            }
+        }
+    }
+
+    fn write_reg(&mut self, offset: u32, v: u32) {
+        // Queue layout may only change before DRIVER_OK.
+        let queue_cfg_ok = self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0;
+        match offset {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES => {
+                if self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+                    match self.driver_features_sel {
+                        0 => {
+                            self.driver_features =
+                                (self.driver_features & !0xffff_ffff) | u64::from(v)
+                        }
+                        1 => {
+                            self.driver_features =
+                                (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            VIRTIO_MMIO_QUEUE_NUM if queue_cfg_ok => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_size(v as u16);
+                }
+            }
+            VIRTIO_MMIO_QUEUE_READY if queue_cfg_ok => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            VIRTIO_MMIO_QUEUE_DESC_LOW if queue_cfg_ok => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_desc_table_address(Some(v), None);
+                }
+            }
+            VIRTIO_MMIO_QUEUE_DESC_HIGH if queue_cfg_ok => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_desc_table_address(None, Some(v));
+                }
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW if queue_cfg_ok => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_avail_ring_address(Some(v), None);
+                }
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH if queue_cfg_ok => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_avail_ring_address(None, Some(v));
+                }
+            }
+            VIRTIO_MMIO_QUEUE_USED_LOW if queue_cfg_ok => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_used_ring_address(Some(v), None);
+                }
+            }
+            VIRTIO_MMIO_QUEUE_USED_HIGH if queue_cfg_ok => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_used_ring_address(None, Some(v));
+                }
+            }
+            VIRTIO_MMIO_QUEUE_NOTIFY => {
+                // Normally caught by the ioeventfd; if it reaches us, forward it.
+                if let Some(e) = self.queue_evts.get(v as usize) {
+                    let _ = e.write(1);
+                }
+            }
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(v),
+            VIRTIO_MMIO_STATUS => self.set_status(v),
+            _ => log::debug!("virtio-mmio: ignored write {v:#x} to register {offset:#x}"),
+        }
+    }
+}
+
+fn libc_efd_nonblock() -> i32 {
+    vmm_sys_util::eventfd::EFD_NONBLOCK
+}
+
+impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
+            self.device
+                .read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            data.fill(0);
+            return;
+        }
+        data.copy_from_slice(&self.read_reg(offset as u32).to_le_bytes());
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
+            log::debug!("virtio-mmio: config space is read-only");
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        if offset % 4 == 0 {
+            self.write_reg(offset as u32, u32::from_le_bytes(bytes));
+        }
+    }
+}
+
+/// DSDT node of a virtio-mmio device (`LNRO0005`), so distro kernels with
+/// `CONFIG_VIRTIO_MMIO` find it through ACPI.
+pub struct VirtioMmioAml {
+    /// Index (for `_UID` and the device name `VRnn`).
+    pub index: u32,
+    /// Base address of the register window.
+    pub base: u32,
+    /// GSI of its interrupt.
+    pub gsi: u32,
+}
+
+impl Aml for VirtioMmioAml {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        crate::aml_in_system_bus(
+            &aml::Device::new(
+                format!("VR{:02X}", self.index).as_str().into(),
+                vec![
+                    &aml::Name::new("_HID".into(), &"LNRO0005"),
+                    &aml::Name::new("_UID".into(), &self.index),
+                    &aml::Name::new("_CCA".into(), &aml::ONE),
+                    &aml::Name::new(
+                        "_CRS".into(),
+                        &aml::ResourceTemplate::new(vec![
+                            &aml::Memory32Fixed::new(true, self.base, MMIO_WINDOW as u32),
+                            &aml::Interrupt::new(true, true, false, false, self.gsi),
+                        ]),
+                    ),
+                ],
+            ),
+            sink,
+        );
+    }
+}
+
+/// The kernel command-line form of a device, for kernels built with
+/// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES` (`virtio_mmio.device=4K@0xd0000000:10`).
+pub fn cmdline_device(base: u64, gsi: u32) -> String {
+    format!("virtio_mmio.device=4K@{base:#x}:{gsi}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::{DeviceFailure, INT_VRING};
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[derive(Default)]
+    struct Fake {
+        activated: Option<u64>,
+        notified: Vec<usize>,
+        resets: usize,
+        fail_next: bool,
+    }
+
+    impl VirtioDevice for Fake {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn features(&self) -> u64 {
+            1 << 1
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn activate(&mut self, f: u64, _: &mut QueueContext) -> Result<(), DeviceFailure> {
+            self.activated = Some(f);
+            Ok(())
+        }
+        fn process_queue(&mut self, i: usize, ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
+            if self.fail_next {
+                return Err(DeviceFailure("bad chain".into()));
+            }
+            self.notified.push(i);
+            ctx.interrupt.trigger(INT_VRING);
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+            self.activated = None;
+        }
+    }
+
+    fn transport() -> (MmioTransport<Fake>, EventFd) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        (
+            MmioTransport::new(Fake::default(), mem, irq.try_clone().unwrap()).unwrap(),
+            irq,
+        )
+    }
+
+    fn r(t: &mut MmioTransport<Fake>, off: u32) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(0, u64::from(off), &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w(t: &mut MmioTransport<Fake>, off: u32, v: u32) {
+        t.write(0, u64::from(off), &v.to_le_bytes());
+    }
+
+    /// Sets up both queues (16 entries at distinct addresses) like a driver.
+    fn setup_queues(t: &mut MmioTransport<Fake>) {
+        for q in 0..2u32 {
+            w(t, VIRTIO_MMIO_QUEUE_SEL, q);
+            assert_eq!(r(t, VIRTIO_MMIO_QUEUE_NUM_MAX), 16);
+            w(t, VIRTIO_MMIO_QUEUE_NUM, 16);
+            let base = 0x1_0000 * (q + 1);
+            w(t, VIRTIO_MMIO_QUEUE_DESC_LOW, base);
+            w(t, VIRTIO_MMIO_QUEUE_DESC_HIGH, 0);
+            w(t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, base + 0x1000);
+            w(t, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0);
+            w(t, VIRTIO_MMIO_QUEUE_USED_LOW, base + 0x2000);
+            w(t, VIRTIO_MMIO_QUEUE_USED_HIGH, 0);
+            w(t, VIRTIO_MMIO_QUEUE_READY, 1);
+            assert_eq!(r(t, VIRTIO_MMIO_QUEUE_READY), 1);
+        }
+    }
+
+    fn negotiate(t: &mut MmioTransport<Fake>, features: u64) {
+        w(t, VIRTIO_MMIO_STATUS, 1);
+        w(t, VIRTIO_MMIO_STATUS, 1 | 2);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES, features as u32);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES, (features >> 32) as u32);
+        w(t, VIRTIO_MMIO_STATUS, 1 | 2 | 8);
+    }
+
+    #[test]
+    fn identification_registers() {
+        let (mut t, _) = transport();
+        assert_eq!(r(&mut t, VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_ID), 42);
+        w(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_FEATURES), 1 << 1);
+        w(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_FEATURES), 1, "VERSION_1");
+        let mut cfg = [0u8; 2];
+        t.read(0, 0x104, &mut cfg);
+        assert_eq!(cfg, [4, 4], "config space at 0x100");
+    }
+
+    #[test]
+    fn negotiation_requires_version_1_and_offered_features() {
+        let (mut t, _) = transport();
+        negotiate(&mut t, 1 << 1);
+        assert_eq!(
+            r(&mut t, VIRTIO_MMIO_STATUS) & 8,
+            0,
+            "no VERSION_1: FEATURES_OK refused"
+        );
+        w(&mut t, VIRTIO_MMIO_STATUS, 0);
+        negotiate(&mut t, VIRTIO_F_VERSION_1 | 1 << 5);
+        assert_eq!(
+            r(&mut t, VIRTIO_MMIO_STATUS) & 8,
+            0,
+            "unoffered feature refused"
+        );
+        w(&mut t, VIRTIO_MMIO_STATUS, 0);
+        negotiate(&mut t, VIRTIO_F_VERSION_1 | 1 << 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS) & 8, 8);
+    }
+
+    #[test]
+    fn driver_ok_activates_and_notifications_reach_the_device() {
+        let (mut t, irq) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1 | 1 << 1);
+        setup_queues(&mut t);
+        w(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | 8 | 4);
+        assert!(t.is_active());
+        assert_eq!(t.device().activated, Some(VIRTIO_F_VERSION_1 | 1 << 1));
+        t.notify(1);
+        t.notify(7); // out of range: ignored
+        assert_eq!(t.device().notified, vec![1]);
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), INT_VRING);
+        w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, INT_VRING);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        // A trapped QueueNotify write is forwarded to the queue's eventfd.
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(t.queue_evts()[0].read().unwrap(), 1);
+    }
+
+    #[test]
+    fn driver_ok_with_bad_queue_fails_the_device() {
+        let (mut t, _) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 16);
+        w(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0xffff_f000); // outside memory
+        w(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        w(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | 8 | 4);
+        assert!(!t.is_active());
+        assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & 0x40, 0, "NEEDS_RESET");
+        assert_ne!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS) & INT_CONFIG, 0);
+    }
+
+    #[test]
+    fn device_failure_sets_needs_reset_and_reset_recovers() {
+        let (mut t, _) = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queues(&mut t);
+        w(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | 8 | 4);
+        t.device.fail_next = true;
+        t.notify(0);
+        assert!(!t.is_active());
+        assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & 0x40, 0);
+        t.notify(0); // ignored while failed
+        w(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(t.device().resets, 1);
+        t.device.fail_next = false;
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queues(&mut t);
+        w(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | 8 | 4);
+        assert!(t.is_active());
+    }
+
+    #[test]
+    fn odd_accesses_are_harmless() {
+        let (mut t, _) = transport();
+        let mut b = [0xffu8; 2];
+        t.read(0, 0x70, &mut b);
+        assert_eq!(b, [0, 0]);
+        t.write(0, 0x70, &[1, 2]);
+        t.write(0, 0x100, &[1, 2, 3, 4]);
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 9);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), 0);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 4);
+        assert_eq!(r(&mut t, 0xf0), 0, "reserved register reads zero");
+    }
+
+    #[test]
+    fn aml_and_cmdline() {
+        let mut v = Vec::new();
+        VirtioMmioAml {
+            index: 0,
+            base: 0xd000_0000,
+            gsi: 10,
+        }
+        .to_aml_bytes(&mut v);
+        assert!(v.windows(8).any(|w| w == b"LNRO0005"));
+        assert!(v.windows(4).any(|w| w == b"VR00"));
+        assert_eq!(
+            cmdline_device(0xd000_0000, 10),
+            "virtio_mmio.device=4K@0xd0000000:10"
+        );
+    }
+}
