@@ -178,6 +178,8 @@ struct Client {
     watching_out: bool,
     /// Set when the client must go (EOF, error, misbehaviour).
     dead: bool,
+    /// A deferred reply this client waits for: (token, id to echo).
+    waiting: Option<(u64, Option<Value>)>,
 }
 
 impl Client {
@@ -216,13 +218,28 @@ impl Client {
     }
 }
 
+/// The outcome of a command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// The result, available now.
+    Now(Result<Value, QmpError>),
+    /// The result comes later through [`QmpServer::complete`] with this token;
+    /// until then that client's further commands wait (replies stay in order).
+    Later(u64),
+}
+
 /// Executes the commands the VMM implements.
 pub trait Handler {
     /// Commands accepted besides `qmp_capabilities`, with their arguments.
     fn commands(&self) -> &[CommandSpec];
+    /// Whether a command missing from [`Handler::commands`] is passed through
+    /// unchecked (e.g. `guest-*` commands forwarded to a guest agent).
+    fn passes_through(&self, _name: &str) -> bool {
+        false
+    }
     /// Runs a validated command. Events it causes go into `events` (built with
     /// [`protocol::event`]); they are sent to all clients before the reply.
-    fn execute(&mut self, req: &Request, events: &mut Vec<Value>) -> Result<Value, QmpError>;
+    fn execute(&mut self, req: &Request, events: &mut Vec<Value>) -> Reply;
 }
 
 /// `qmp_capabilities` arguments.
@@ -329,10 +346,16 @@ impl QmpServer {
         }
     }
 
-    /// Executes queued input in arrival order.
+    /// Executes queued input in arrival order (per client: a client waiting for a
+    /// deferred reply has its later input held back).
     pub fn dispatch(&mut self, handler: &mut dyn Handler) {
+        let mut held = VecDeque::new();
         while let Some((fd, item)) = self.inbox.pop_front() {
-            if self.clients.get(&fd).is_none_or(|c| c.dead) {
+            let Some(c) = self.clients.get(&fd).filter(|c| !c.dead) else {
+                continue;
+            };
+            if c.waiting.is_some() {
+                held.push_back((fd, item));
                 continue;
             }
             let mut events = Vec::new();
@@ -340,10 +363,26 @@ impl QmpServer {
             for e in &events {
                 self.broadcast(e);
             }
-            if let Some(c) = self.clients.get_mut(&fd) {
-                c.queue(&reply);
+            if let Some(reply) = reply {
+                if let Some(c) = self.clients.get_mut(&fd) {
+                    c.queue(&reply);
+                }
             }
         }
+        self.inbox = held;
+    }
+
+    /// Delivers the result of a deferred command; returns false if no client
+    /// waits for `token` any more (it disconnected).
+    pub fn complete(&mut self, token: u64, result: Result<Value, QmpError>) -> bool {
+        for c in self.clients.values_mut() {
+            if c.waiting.as_ref().is_some_and(|(t, _)| *t == token) {
+                let (_, id) = c.waiting.take().unwrap_or((token, None));
+                c.queue(&protocol::reply(&result, id.as_ref()));
+                return true;
+            }
+        }
+        false
     }
 
     fn handle(
@@ -352,18 +391,25 @@ impl QmpServer {
         item: Framed,
         handler: &mut dyn Handler,
         events: &mut Vec<Value>,
-    ) -> Value {
+    ) -> Option<Value> {
         let v = match item {
             Framed::Value(v) => v,
-            Framed::Error(msg) => return protocol::reply(&Err(QmpError::generic(msg)), None),
-            Framed::TooLarge => unreachable_reply(),
+            Framed::Error(msg) => return Some(protocol::reply(&Err(QmpError::generic(msg)), None)),
+            Framed::TooLarge => return Some(unreachable_reply()),
         };
         let req = match protocol::parse_request(v) {
             Ok(r) => r,
-            Err((e, id)) => return protocol::reply(&Err(e), id.as_ref()),
+            Err((e, id)) => return Some(protocol::reply(&Err(e), id.as_ref())),
         };
-        let result = self.run(fd, &req, handler, events);
-        protocol::reply(&result, req.id.as_ref())
+        match self.run(fd, &req, handler, events) {
+            Reply::Now(result) => Some(protocol::reply(&result, req.id.as_ref())),
+            Reply::Later(token) => {
+                if let Some(c) = self.clients.get_mut(&fd) {
+                    c.waiting = Some((token, req.id.clone()));
+                }
+                None
+            }
+        }
     }
 
     fn run(
@@ -372,7 +418,22 @@ impl QmpServer {
         req: &Request,
         handler: &mut dyn Handler,
         events: &mut Vec<Value>,
-    ) -> Result<Value, QmpError> {
+    ) -> Reply {
+        match self.check(fd, req, handler) {
+            Ok(true) => Reply::Now(Ok(json!({}))),
+            Ok(false) => handler.execute(req, events),
+            Err(e) => Reply::Now(Err(e)),
+        }
+    }
+
+    /// Protocol checks; Ok(true) when the request was `qmp_capabilities` and is
+    /// done, Ok(false) when the handler must run it.
+    fn check(
+        &mut self,
+        fd: RawFd,
+        req: &Request,
+        handler: &mut dyn Handler,
+    ) -> Result<bool, QmpError> {
         let negotiated = self.clients.get(&fd).is_some_and(|c| c.negotiated);
         let is_caps = req.name == "qmp_capabilities";
         let spec = if is_caps {
@@ -398,6 +459,9 @@ impl QmpServer {
             ));
         }
         let Some(spec) = spec else {
+            if handler.passes_through(&req.name) && !req.oob {
+                return Ok(false);
+            }
             return Err(QmpError::not_found(format!(
                 "The command {} has not been found",
                 req.name
@@ -424,9 +488,9 @@ impl QmpServer {
             if let Some(c) = self.clients.get_mut(&fd) {
                 c.negotiated = true;
             }
-            return Ok(json!({}));
+            return Ok(true);
         }
-        handler.execute(req, events)
+        Ok(false)
     }
 
     /// Writes pending output, updates what is watched, and drops dead clients.
@@ -514,6 +578,7 @@ impl QmpServer {
                 out: VecDeque::new(),
                 watching_out: false,
                 dead: false,
+                waiting: None,
             };
             c.queue(&self.greeting);
             c.write_out();
@@ -649,13 +714,27 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         running: bool,
+        deferred: Vec<String>,
     }
 
     impl Handler for Fake {
         fn commands(&self) -> &[CommandSpec] {
             FAKE_COMMANDS
         }
-        fn execute(&mut self, req: &Request, events: &mut Vec<Value>) -> Result<Value, QmpError> {
+        fn passes_through(&self, name: &str) -> bool {
+            name.starts_with("guest-")
+        }
+        fn execute(&mut self, req: &Request, events: &mut Vec<Value>) -> Reply {
+            if req.name.starts_with("guest-") {
+                self.deferred.push(req.name.clone());
+                return Reply::Later(self.deferred.len() as u64);
+            }
+            Reply::Now(self.run_now(req, events))
+        }
+    }
+
+    impl Fake {
+        fn run_now(&mut self, req: &Request, events: &mut Vec<Value>) -> Result<Value, QmpError> {
             match req.name.as_str() {
                 "stop" => {
                     if self.running {
@@ -698,7 +777,10 @@ mod tests {
                 em,
                 server,
                 id,
-                handler: Fake { running: true },
+                handler: Fake {
+                    running: true,
+                    deferred: Vec::new(),
+                },
                 path,
             }
         }
@@ -800,10 +882,6 @@ mod tests {
                 r#"{"id": 1, "error": {"class": "GenericError", "desc": "The command query-status does not support OOB"}}"#,
             ),
             (
-                "{\"execute\":\"guest-ping\"}",
-                r#"{"error": {"class": "CommandNotFound", "desc": "The command guest-ping has not been found"}}"#,
-            ),
-            (
                 "{\"execute\":\"nope\",\"id\":\"i\"}",
                 r#"{"id": "i", "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
             ),
@@ -814,6 +892,51 @@ mod tests {
             h.pump();
             assert_eq!(&c.line(), expected, "for input {input}");
         }
+    }
+
+    #[test]
+    fn deferred_replies_keep_each_clients_order() {
+        let mut h = Harness::new("deferred");
+        let mut a = h.connect();
+        let mut b = h.connect();
+        for c in [&mut a, &mut b] {
+            c.send("{\"execute\":\"qmp_capabilities\"}");
+            h.pump();
+            assert_eq!(c.line(), r#"{"return": {}}"#);
+        }
+        // a waits for the guest; its next command waits behind it, b is served.
+        a.send("{\"execute\":\"guest-ping\",\"id\":\"p\"}{\"execute\":\"query-kvm\",\"id\":\"k\"}");
+        h.pump();
+        b.send("{\"execute\":\"query-kvm\"}");
+        h.pump();
+        assert_eq!(
+            b.line(),
+            r#"{"return": {"enabled": true, "present": true}}"#
+        );
+        assert_eq!(h.handler.deferred, vec!["guest-ping"]);
+        assert!(h.server.borrow_mut().complete(1, Ok(json!({}))));
+        h.pump();
+        assert_eq!(a.line(), r#"{"return": {}, "id": "p"}"#);
+        assert_eq!(
+            a.line(),
+            r#"{"return": {"enabled": true, "present": true}, "id": "k"}"#
+        );
+        assert!(
+            !h.server.borrow_mut().complete(1, Ok(json!({}))),
+            "already delivered"
+        );
+        // Errors and unknown tokens.
+        a.send("{\"execute\":\"guest-info\"}");
+        h.pump();
+        h.server
+            .borrow_mut()
+            .complete(2, Err(QmpError::generic("Guest agent is not connected")));
+        h.pump();
+        assert_eq!(
+            a.line(),
+            r#"{"error": {"class": "GenericError", "desc": "Guest agent is not connected"}}"#
+        );
+        assert!(!h.server.borrow_mut().complete(99, Ok(json!({}))));
     }
 
     #[test]

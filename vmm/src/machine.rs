@@ -3,6 +3,7 @@
 //! signals), the events each transition emits, and the QMP command handler.
 
 use qmp::protocol::{event, version_info, ArgSpec, ArgType, CommandSpec, QmpError, Request};
+use qmp::server::Reply;
 use serde_json::{json, Value};
 
 use crate::builder::{self, Backends, BuildError, Vm};
@@ -447,7 +448,13 @@ impl qmp::server::Handler for Machine {
         COMMANDS
     }
 
-    fn execute(&mut self, req: &Request, events: &mut Vec<Value>) -> Result<Value, QmpError> {
+    fn execute(&mut self, req: &Request, events: &mut Vec<Value>) -> Reply {
+        Reply::Now(self.execute_now(req, events))
+    }
+}
+
+impl Machine {
+    fn execute_now(&mut self, req: &Request, events: &mut Vec<Value>) -> Result<Value, QmpError> {
         let ok = Ok(json!({}));
         match req.name.as_str() {
             "query-status" => Ok(json!({
