@@ -346,10 +346,19 @@ impl QmpServer {
         }
     }
 
+    /// Sends each of `events` to every negotiated client.
+    pub fn broadcast_all(&mut self, events: &[Value]) {
+        for e in events {
+            self.broadcast(e);
+        }
+    }
+
     /// Executes queued input in arrival order (per client: a client waiting for a
-    /// deferred reply has its later input held back).
-    pub fn dispatch(&mut self, handler: &mut dyn Handler) {
+    /// deferred reply has its later input held back). Returns whether anything
+    /// was executed.
+    pub fn dispatch(&mut self, handler: &mut dyn Handler) -> bool {
         let mut held = VecDeque::new();
+        let mut ran = false;
         while let Some((fd, item)) = self.inbox.pop_front() {
             let Some(c) = self.clients.get(&fd).filter(|c| !c.dead) else {
                 continue;
@@ -358,6 +367,7 @@ impl QmpServer {
                 held.push_back((fd, item));
                 continue;
             }
+            ran = true;
             let mut events = Vec::new();
             let reply = self.handle(fd, item, handler, &mut events);
             for e in &events {
@@ -370,6 +380,7 @@ impl QmpServer {
             }
         }
         self.inbox = held;
+        ran
     }
 
     /// Delivers the result of a deferred command; returns false if no client

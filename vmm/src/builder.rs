@@ -16,11 +16,13 @@ use devices::i8042::{I8042Aml, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT};
 use devices::power_button::{PowerButton, PowerButtonAml, GED_GSI};
 use devices::pvpanic::{PvPanic, PvPanicAml, PVPANIC_PORT};
 use devices::serial::{SerialAml, SerialDevice, SharedWriter, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+use devices::virtio::console::Console;
+use devices::virtio::mmio::{cmdline_device, MmioTransport, VirtioMmioAml, MMIO_WINDOW};
 use devices::{Aml, EventFdTrigger};
 use kvm_bindings::{
     kvm_clock_data, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -28,7 +30,7 @@ use crate::acpi::{self, AcpiError};
 use crate::boot::{self, BootError, BootInfo};
 use crate::cli::{SerialBackend, VmConfig};
 use crate::cpu::{self, CpuError};
-use crate::layout::KVM_TSS_ADDR;
+use crate::layout::{KVM_TSS_ADDR, VIRTIO_MMIO_BASE, VIRTIO_MMIO_GSI};
 use crate::memory::{self, MemoryError};
 use crate::vcpu::{VcpuEvents, Vcpus};
 
@@ -166,6 +168,7 @@ pub fn open_kvm() -> Result<Kvm, BuildError> {
         (Cap::Irqfd, "irqfd"),
         (Cap::ImmediateExit, "immediate_exit"),
         (Cap::UserMemory, "user memory regions"),
+        (Cap::Ioeventfd, "ioeventfd"),
     ] {
         if !kvm.check_extension(cap) {
             return Err(BuildError::MissingCap(name));
@@ -234,10 +237,14 @@ fn open_serial_file(path: &Path) -> Result<File, BuildError> {
         })
 }
 
+/// The guest-agent port: a virtio-console behind virtio-mmio.
+pub type AgentPort = Arc<Mutex<MmioTransport<Console>>>;
+
 /// A built VM with its vcpu threads. Dropping it stops the vcpus, then releases
 /// the VM and its memory (field order matters).
 pub struct Vm {
     vcpus: Vcpus,
+    agent_port: Option<AgentPort>,
     vm_fd: VmFd,
     _memory: GuestMemoryMmap,
     power_button: PowerButton,
@@ -283,6 +290,11 @@ impl Vm {
             }
         }
         self.vcpus.resume();
+    }
+
+    /// The guest-agent port, when the VM has one.
+    pub fn agent_port(&self) -> Option<&AgentPort> {
+        self.agent_port.as_ref()
     }
 
     /// Presses the ACPI power button.
@@ -331,7 +343,12 @@ pub fn build_vm(cfg: &VmConfig, b: &Backends, paused: bool) -> Result<Vm, BuildE
         Some(p) => Some(boot::load_initrd(&mem, cfg.memory, p, &kernel)?),
         None => None,
     };
-    let cmdline_len = boot::load_cmdline(&mem, &cfg.cmdline, &kernel)?;
+    let mut cmdline = cfg.cmdline.clone();
+    if cfg.agent.is_some() && cfg.virtio_mmio_cmdline {
+        cmdline.push(' ');
+        cmdline.push_str(&cmdline_device(VIRTIO_MMIO_BASE, VIRTIO_MMIO_GSI));
+    }
+    let cmdline_len = boot::load_cmdline(&mem, &cmdline, &kernel)?;
 
     // Devices. COM1 gets fresh registers but keeps its host side.
     *b.serial.lock().unwrap_or_else(|e| e.into_inner()) = SerialDevice::new(
@@ -362,14 +379,36 @@ pub fn build_vm(cfg: &VmConfig, b: &Backends, paused: bool) -> Result<Vm, BuildE
     pio.insert(i8042, u64::from(I8042_COMMAND_PORT), 1)?;
     pio.insert(pm, u64::from(PM_PORT), u64::from(PM_PORT_LEN))?;
     pio.insert(pvpanic, u64::from(PVPANIC_PORT), 1)?;
-    let mmio = Bus::new("mmio");
-    let aml: [&dyn Aml; 5] = [
+    let mut mmio = Bus::new("mmio");
+    let mut aml: Vec<&dyn Aml> = vec![
         &SerialAml,
         &I8042Aml,
         &AcpiPmAml,
         &PowerButtonAml,
         &PvPanicAml,
     ];
+    let agent_aml = VirtioMmioAml {
+        index: 0,
+        base: VIRTIO_MMIO_BASE as u32,
+        gsi: VIRTIO_MMIO_GSI,
+    };
+    let agent_port = if cfg.agent.is_some() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK)?;
+        vm.register_irqfd(&irq, VIRTIO_MMIO_GSI)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        let t = MmioTransport::new(Console::default(), mem.clone(), irq)?;
+        for (i, evt) in t.queue_evts().iter().enumerate() {
+            let notify = IoEventAddress::Mmio(VIRTIO_MMIO_BASE + 0x50);
+            vm.register_ioevent(evt, &notify, i as u32)
+                .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        }
+        let t = Arc::new(Mutex::new(t));
+        mmio.insert(t.clone(), VIRTIO_MMIO_BASE, MMIO_WINDOW)?;
+        aml.push(&agent_aml);
+        Some(t)
+    } else {
+        None
+    };
 
     let rsdp = acpi::write_tables(&mem, cfg.cpus, &aml)?;
     boot::write_boot_params(
@@ -396,6 +435,7 @@ pub fn build_vm(cfg: &VmConfig, b: &Backends, paused: bool) -> Result<Vm, BuildE
     let vcpus = Vcpus::start(fds, Arc::new(pio), Arc::new(mmio), b.events.clone(), paused)?;
     Ok(Vm {
         vcpus,
+        agent_port,
         vm_fd: vm,
         _memory: mem,
         power_button: PowerButton::new(button_irq),

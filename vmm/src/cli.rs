@@ -93,6 +93,24 @@ pub struct Cli {
     #[arg(long, requires = "qmp")]
     pub paused: bool,
 
+    /// Guest-agent channel: a virtio-console port named org.qemu.guest_agent.0 for
+    /// qemu-ga in the guest, and a qga-compatible socket at "unix:PATH" for host
+    /// clients (what they would send to qemu-ga through QEMU works unchanged).
+    /// `guest-*` commands also work on every QMP socket.
+    #[arg(long, value_name = "unix:PATH", value_parser = parse_agent)]
+    pub agent: Option<PathBuf>,
+
+    /// Seconds to wait for the guest agent's reply before failing the request.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = parse_timeout)]
+    pub agent_timeout: u64,
+
+    /// Also describe virtio-mmio devices on the kernel command line
+    /// (virtio_mmio.device=4K@ADDR:IRQ), for kernels built with
+    /// CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES. Off by default: stock distro kernels find
+    /// them through ACPI, and listing them twice would add them twice.
+    #[arg(long)]
+    pub virtio_mmio_cmdline: bool,
+
     /// When the guest powers off, panics or fails, keep the process (and QMP)
     /// alive in state "shutdown", "guest-panicked" or "internal-error" instead of
     /// exiting; QMP "system_reset" then "cont" boots it again.
@@ -180,6 +198,13 @@ fn parse_timeout(s: &str) -> Result<u64, String> {
     }
 }
 
+fn parse_agent(s: &str) -> Result<PathBuf, String> {
+    match s.strip_prefix("unix:") {
+        Some(p) if !p.is_empty() => Ok(PathBuf::from(p)),
+        _ => Err(format!("'{s}': expected unix:PATH, e.g. unix:/tmp/vm.qga")),
+    }
+}
+
 fn parse_uuid(s: &str) -> Result<String, String> {
     let groups: Vec<&str> = s.split('-').collect();
     let lens = [8, 4, 4, 4, 12];
@@ -226,6 +251,12 @@ pub struct VmConfig {
     pub paused: bool,
     /// Keep the process when the guest stops.
     pub no_shutdown: bool,
+    /// Guest-agent socket; the agent channel exists when set.
+    pub agent: Option<PathBuf>,
+    /// Agent reply timeout, seconds.
+    pub agent_timeout: u64,
+    /// Put virtio-mmio devices on the kernel command line too.
+    pub virtio_mmio_cmdline: bool,
 }
 
 impl From<Cli> for VmConfig {
@@ -244,6 +275,9 @@ impl From<Cli> for VmConfig {
             qmp: c.qmp,
             paused: c.paused,
             no_shutdown: c.no_shutdown,
+            agent: c.agent,
+            agent_timeout: c.agent_timeout,
+            virtio_mmio_cmdline: c.virtio_mmio_cmdline,
         }
     }
 }
@@ -366,6 +400,26 @@ mod tests {
             "--paused needs --qmp"
         );
         assert!(parse(&["--kernel", "k", "--qmp", "tcp:nope"]).is_err());
+    }
+
+    #[test]
+    fn agent_flags() {
+        let c = parse(&["--kernel", "k", "--agent", "unix:/tmp/vm.qga"]).unwrap();
+        assert_eq!(c.agent, Some(PathBuf::from("/tmp/vm.qga")));
+        assert_eq!(c.agent_timeout, 30);
+        assert!(!c.virtio_mmio_cmdline);
+        assert!(parse(&["--kernel", "k", "--agent", "/tmp/vm.qga"]).is_err());
+        assert!(parse(&["--kernel", "k", "--agent-timeout", "0"]).is_err());
+        let c = parse(&[
+            "--kernel",
+            "k",
+            "--agent-timeout",
+            "5",
+            "--virtio-mmio-cmdline",
+        ])
+        .unwrap();
+        assert_eq!(c.agent_timeout, 5);
+        assert!(c.virtio_mmio_cmdline);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! the guest powers off, the VM fails, or the user stops it.
 
 pub mod acpi;
+pub mod agent;
 pub mod boot;
 pub mod builder;
 pub mod cli;

@@ -4,6 +4,13 @@
 
 use qmp::protocol::{event, version_info, ArgSpec, ArgType, CommandSpec, QmpError, Request};
 use qmp::server::Reply;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use agent_proxy::AgentProxy;
+
+/// Id of the guest-agent channel in `query-chardev` and `VSERPORT_CHANGE`.
+pub const AGENT_CHANNEL_ID: &str = "qga0";
 use serde_json::{json, Value};
 
 use crate::builder::{self, Backends, BuildError, Vm};
@@ -137,9 +144,38 @@ pub struct Machine {
     /// A failure that leaves no VM to run (a rebuild that failed).
     pub fatal: Option<BuildError>,
     monitors: Vec<qmp::server::ChardevInfo>,
+    /// Names of the events emitted since the last [`Machine::take_event_names`].
+    event_names: Vec<String>,
+    /// The guest-agent proxy, for `guest-*` commands.
+    agent: Option<Rc<RefCell<AgentProxy>>>,
+    next_agent_token: u64,
+    /// Whether the guest has the agent port open (for `query-chardev`).
+    pub agent_open: bool,
 }
 
 impl Machine {
+    fn emit(&mut self, events: &mut Vec<Value>, ev: Value) {
+        if let Some(n) = ev["event"].as_str() {
+            self.event_names.push(n.to_string());
+        }
+        events.push(ev);
+    }
+
+    /// Names of the events emitted since the last call.
+    pub fn take_event_names(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.event_names)
+    }
+
+    /// Connects the guest-agent proxy.
+    pub fn set_agent(&mut self, agent: Rc<RefCell<AgentProxy>>) {
+        self.agent = Some(agent);
+    }
+
+    /// The current VM's guest-agent port, if any.
+    pub fn agent_port(&self) -> Option<builder::AgentPort> {
+        self.vm.as_ref().and_then(|v| v.agent_port().cloned())
+    }
+
     /// Builds the VM; running, or parked in prelaunch with `--paused`.
     pub fn start(
         cfg: VmConfig,
@@ -160,6 +196,10 @@ impl Machine {
             exit: None,
             fatal: None,
             monitors,
+            event_names: Vec::new(),
+            agent: None,
+            next_agent_token: 0,
+            agent_open: false,
         })
     }
 
@@ -191,7 +231,7 @@ impl Machine {
     fn halt(&mut self, to: RunState, events: &mut Vec<Value>) {
         if self.state == RunState::Running {
             self.pause_vcpus();
-            events.push(event("STOP", None));
+            self.emit(events, event("STOP", None));
         } else {
             // Prelaunch/paused vcpus are parked already.
             self.pause_vcpus();
@@ -218,7 +258,7 @@ impl Machine {
                 vm.resume();
             }
             self.state = RunState::Running;
-            events.push(event("RESUME", None));
+            self.emit(events, event("RESUME", None));
         }
         Ok(())
     }
@@ -231,10 +271,10 @@ impl Machine {
         } else {
             "host-qmp-system-reset"
         };
-        events.push(event(
-            "RESET",
-            Some(json!({"guest": guest, "reason": reason})),
-        ));
+        self.emit(
+            events,
+            event("RESET", Some(json!({"guest": guest, "reason": reason}))),
+        );
         let run = self.state == RunState::Running;
         if let Some(vm) = self.vm.take() {
             vm.stop();
@@ -264,7 +304,7 @@ impl Machine {
                 log::debug!("ignoring {req:?} in state {}", self.state.as_str());
             }
             Lifecycle::PowerOff => {
-                events.push(shutdown_event(true, "guest-shutdown"));
+                self.emit(events, shutdown_event(true, "guest-shutdown"));
                 if no_shutdown {
                     self.halt(RunState::Shutdown, events);
                 } else {
@@ -272,7 +312,7 @@ impl Machine {
                 }
             }
             Lifecycle::Reset if self.cfg.no_reboot => {
-                events.push(shutdown_event(true, "guest-reset"));
+                self.emit(events, shutdown_event(true, "guest-reset"));
                 if no_shutdown {
                     self.halt(RunState::Shutdown, events);
                 } else {
@@ -286,11 +326,17 @@ impl Machine {
             }
             Lifecycle::Panic => {
                 if no_shutdown {
-                    events.push(event("GUEST_PANICKED", Some(json!({"action": "pause"}))));
+                    self.emit(
+                        events,
+                        event("GUEST_PANICKED", Some(json!({"action": "pause"}))),
+                    );
                     self.halt(RunState::GuestPanicked, events);
                 } else {
-                    events.push(event("GUEST_PANICKED", Some(json!({"action": "poweroff"}))));
-                    events.push(shutdown_event(true, "guest-panic"));
+                    self.emit(
+                        events,
+                        event("GUEST_PANICKED", Some(json!({"action": "poweroff"}))),
+                    );
+                    self.emit(events, shutdown_event(true, "guest-panic"));
                     self.exit = Some(Outcome::Panicked);
                 }
             }
@@ -311,12 +357,12 @@ impl Machine {
                 }
             }
             Lifecycle::Signal(n) => {
-                events.push(shutdown_event(false, "host-signal"));
+                self.emit(events, shutdown_event(false, "host-signal"));
                 self.exit = Some(Outcome::Signal(n));
             }
             Lifecycle::Timeout => self.exit = Some(Outcome::Timeout(self.cfg.timeout.unwrap_or(0))),
             Lifecycle::Quit => {
-                events.push(shutdown_event(false, "host-ui"));
+                self.emit(events, shutdown_event(false, "host-ui"));
                 self.exit = Some(Outcome::Quit);
             }
         }
@@ -448,7 +494,27 @@ impl qmp::server::Handler for Machine {
         COMMANDS
     }
 
+    fn passes_through(&self, name: &str) -> bool {
+        name.starts_with("guest-")
+    }
+
     fn execute(&mut self, req: &Request, events: &mut Vec<Value>) -> Reply {
+        if req.name.starts_with("guest-") {
+            let Some(agent) = &self.agent else {
+                return Reply::Now(Err(QmpError::generic(
+                    "No guest agent channel: start minivmm with --agent unix:PATH",
+                )));
+            };
+            self.next_agent_token += 1;
+            let token = self.next_agent_token;
+            let mut cmd = serde_json::Map::new();
+            cmd.insert("execute".into(), json!(req.name));
+            if !req.args.is_empty() {
+                cmd.insert("arguments".into(), Value::Object(req.args.clone()));
+            }
+            agent.borrow_mut().submit_qmp(token, Value::Object(cmd));
+            return Reply::Later(token);
+        }
         Reply::Now(self.execute_now(req, events))
     }
 }
@@ -485,6 +551,13 @@ impl Machine {
                 })];
                 for m in &self.monitors {
                     v.push(json!({"frontend-open": true, "filename": m.filename, "label": m.label}));
+                }
+                if let Some(path) = &self.cfg.agent {
+                    v.push(json!({
+                        "frontend-open": self.agent_open,
+                        "filename": format!("unix:{},server=on", path.display()),
+                        "label": AGENT_CHANNEL_ID,
+                    }));
                 }
                 Ok(Value::Array(v))
             }
@@ -530,7 +603,7 @@ impl Machine {
                 }
             },
             "system_powerdown" => {
-                events.push(event("POWERDOWN", None));
+                self.emit(events, event("POWERDOWN", None));
                 if let Some(vm) = &self.vm {
                     vm.press_power_button()
                         .map_err(|e| QmpError::generic(format!("power button: {e}")))?;
@@ -538,7 +611,7 @@ impl Machine {
                 ok
             }
             "quit" => {
-                events.push(shutdown_event(false, "host-qmp-quit"));
+                self.emit(events, shutdown_event(false, "host-qmp-quit"));
                 self.exit = Some(Outcome::QmpQuit);
                 ok
             }

@@ -15,9 +15,12 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use qmp::protocol::greeting;
+use agent_proxy::{AgentProxy, ProxyConfig};
+use event_manager::SubscriberId;
+use qmp::protocol::{greeting, QmpError};
 use qmp::server::{QmpServer, ServerError};
 
+use crate::agent;
 use crate::builder::{self, Backends, BuildError};
 use crate::cli::{SerialBackend, VmConfig};
 pub use crate::machine::Outcome;
@@ -267,6 +270,78 @@ pub fn ensure_std_fds() {
     }
 }
 
+/// Forwards the agent's replies to waiting QMP clients; true if there were any.
+fn complete_agent_replies(server: &mut QmpServer, proxy: &Rc<RefCell<AgentProxy>>) -> bool {
+    let replies = proxy.borrow_mut().take_qmp_replies();
+    let any = !replies.is_empty();
+    for (token, result) in replies {
+        let result = result.map_err(|e| QmpError::generic(e.desc));
+        if !server.complete(token, result) {
+            log::debug!("agent reply {token} had no waiting QMP client");
+        }
+    }
+    any
+}
+
+/// The VMM side of the guest-agent channel across VM rebuilds.
+#[derive(Default)]
+struct AgentLink {
+    /// The port the queue subscriber watches, and that subscriber.
+    attached: Option<(usize, SubscriberId)>,
+    open: bool,
+}
+
+impl AgentLink {
+    fn round(
+        &mut self,
+        em: &mut EventManager<Box<dyn MutEventSubscriber>>,
+        machine: &mut Machine,
+        proxy: &Rc<RefCell<AgentProxy>>,
+        proxy_id: SubscriberId,
+        events: &mut Vec<serde_json::Value>,
+    ) {
+        let port = machine.agent_port();
+        let key = port.as_ref().map(|p| Arc::as_ptr(p) as usize);
+        if key != self.attached.map(|(k, _)| k) {
+            if let Some((_, id)) = self.attached.take() {
+                let _ = em.remove_subscriber(id);
+            }
+            if self.open {
+                // The VM was rebuilt: the guest side of the old port is gone.
+                self.open = false;
+                proxy.borrow_mut().port_state(false);
+                events.push(qmp::protocol::event(
+                    "VSERPORT_CHANGE",
+                    Some(serde_json::json!({"id": machine::AGENT_CHANNEL_ID, "open": false})),
+                ));
+            }
+            if let (Some(p), Some(k)) = (&port, key) {
+                match agent::AgentQueues::new(p.clone()) {
+                    Ok(sub) => self.attached = Some((k, em.add_subscriber(Box::new(sub)))),
+                    Err(e) => log::error!("guest agent port: {e}"),
+                }
+            }
+        }
+        if let Some(p) = &port {
+            events.extend(agent::exchange(p, proxy, &mut self.open));
+        }
+        machine.agent_open = self.open;
+        for name in machine.take_event_names() {
+            if name == "SHUTDOWN" || name == "RESET" {
+                proxy.borrow_mut().vm_event(&name);
+            }
+        }
+        // Requests the lifecycle just completed may have produced bytes.
+        if let Some(p) = &port {
+            events.extend(agent::exchange(p, proxy, &mut self.open));
+        }
+        match em.event_ops(proxy_id) {
+            Ok(mut ops) => proxy.borrow_mut().flush(&mut ops),
+            Err(e) => log::error!("agent proxy: {e:?}"),
+        }
+    }
+}
+
 /// Runs the VM described by `cfg` to its end; returns how it ended.
 pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
     builder::preflight(&cfg)?;
@@ -278,6 +353,17 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
     } else {
         let s = QmpServer::bind(&cfg.qmp, greeting(&machine::version()))?;
         Some(Rc::new(RefCell::new(s)))
+    };
+    let proxy = match &cfg.agent {
+        Some(path) => {
+            let p = AgentProxy::new(ProxyConfig {
+                socket: Some(path.clone()),
+                timeout: Duration::from_secs(cfg.agent_timeout),
+            })
+            .map_err(|e| VmmError::Setup(format!("guest agent: {e}")))?;
+            Some(Rc::new(RefCell::new(p)))
+        }
+        None => None,
     };
     let backends = Backends::new(&cfg)?;
 
@@ -302,6 +388,9 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
     let qmp_id = server
         .as_ref()
         .map(|s| em.add_subscriber(Box::new(s.clone())));
+    let proxy_id = proxy
+        .as_ref()
+        .map(|p| em.add_subscriber(Box::new(p.clone())));
 
     let interactive = cfg.serial == SerialBackend::Stdio && stdin_is_usable();
     let raw = if interactive {
@@ -330,7 +419,11 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
         .unwrap_or_default();
     let name = cfg.name.clone().unwrap_or_else(|| "vm".into());
     let mut machine = Machine::start(cfg, backends, monitors)?;
+    if let Some(p) = &proxy {
+        machine.set_agent(p.clone());
+    }
     log::info!("{name}: started ({})", machine.state().as_str());
+    let mut agent = AgentLink::default();
     let result = loop {
         if let Err(e) = em.run() {
             // EINTR from a signal that was not ours is harmless.
@@ -343,14 +436,32 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
             };
             machine.on_request(req, &mut events);
         }
+        if let (Some(p), Some(pid)) = (&proxy, proxy_id) {
+            agent.round(&mut em, &mut machine, p, pid, &mut events);
+        }
         if let (Some(server), Some(id)) = (&server, qmp_id) {
-            let mut s = server.borrow_mut();
-            for e in &events {
-                s.broadcast(e);
+            server.borrow_mut().broadcast_all(&events);
+            // Dispatch until quiet: agent replies complete deferred commands, which
+            // releases the commands their clients sent after them.
+            for _ in 0..64 {
+                let mut progressed = false;
+                if let Some(p) = &proxy {
+                    progressed |= complete_agent_replies(&mut server.borrow_mut(), p);
+                }
+                progressed |= server.borrow_mut().dispatch(&mut machine);
+                if let (Some(p), Some(pid)) = (&proxy, proxy_id) {
+                    // Forwarded commands' bytes and lifecycle events, now.
+                    let mut later = Vec::new();
+                    agent.round(&mut em, &mut machine, p, pid, &mut later);
+                    server.borrow_mut().broadcast_all(&later);
+                    progressed |= complete_agent_replies(&mut server.borrow_mut(), p);
+                }
+                if !progressed {
+                    break;
+                }
             }
-            s.dispatch(&mut machine);
             match em.event_ops(id) {
-                Ok(mut ops) => s.flush(&mut ops),
+                Ok(mut ops) => server.borrow_mut().flush(&mut ops),
                 Err(e) => log::error!("QMP: {e:?}"),
             }
         }
