@@ -78,6 +78,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &self.device
     }
 
+    /// The device, for host-side calls that do not touch the queues.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
     /// Whether the driver activated the device and it has not failed.
     pub fn is_active(&self) -> bool {
         self.active && !self.failed
