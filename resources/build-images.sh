@@ -9,6 +9,10 @@
 #   vmlinux         the same kernel, decompressed to an uncompressed ELF
 #   initrd.img      gzip'd newc cpio: static busybox + /init + acpid config +
 #                   power button/pvpanic modules (see README.md)
+#   agent-initrd.img the same plus Debian's qemu-guest-agent (qemu-ga and its
+#                   shared libraries) and the virtio-mmio/virtio-console
+#                   modules; /init starts qemu-ga on the virtio-serial port
+#                   org.qemu.guest_agent.0 before printing the banner
 #   l1/vmlinuz      Debian generic kernel (what linux-image-amd64 depends on),
 #                   used as the L1 VM kernel by resources/nested-run.sh
 #   l1/initrd.img   busybox + virtio/9p/kvm modules + the L1 /init
@@ -34,6 +38,21 @@ L1_MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev
 # kernel despite CONFIG_PVPANIC=y).
 GUEST_MODULES=(evdev button pvpanic pvpanic-mmio)
 
+# Extra modules loaded (after GUEST_MODULES) by the agent image's /init:
+# virtio-mmio transport (devices enumerated from ACPI DSDT LNRO0005 nodes;
+# the cloud kernel has no CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and
+# virtio_console (virtio-serial ports, /dev/vportNpM).
+AGENT_MODULES=(virtio_ring virtio virtio_mmio virtio_console)
+
+# Packages unpacked for the agent image: qemu-guest-agent (/usr/sbin/qemu-ga)
+# and the packages holding its shared-library closure (NEEDED entries of
+# qemu-ga: libudev.so.1 libnuma.so.1 liburing.so.2 libglib-2.0.so.0
+# libgmodule-2.0.so.0 libm.so.6 libc.so.6; libglib-2.0 adds libpcre2-8.so.0;
+# ld-linux-x86-64.so.2 is the interpreter). The closure is recomputed with
+# readelf at build time and the build fails if a library is not found here.
+QGA_PACKAGES=(qemu-guest-agent libc6 libglib2.0-0 libnuma1 libudev1 liburing2 libpcre2-8-0)
+QGA_PORT_NAME=org.qemu.guest_agent.0
+
 log() { printf 'build-images: %s\n' "$*" >&2; }
 die() { printf 'build-images: error: %s\n' "$*" >&2; exit 1; }
 
@@ -45,7 +64,8 @@ case "${1:-}" in
     *) die "unknown argument '$1' (usage: $0 [--force])" ;;
 esac
 
-OUTPUTS=("$OUT/vmlinuz" "$OUT/vmlinux" "$OUT/initrd.img" "$OUT/l1/vmlinuz" "$OUT/l1/initrd.img")
+OUTPUTS=("$OUT/vmlinuz" "$OUT/vmlinux" "$OUT/initrd.img" "$OUT/agent-initrd.img"
+    "$OUT/l1/vmlinuz" "$OUT/l1/initrd.img")
 
 up_to_date() {
     local f
@@ -78,6 +98,7 @@ ensure_tools() {
     command -v xz >/dev/null || missing+=(xz-utils)
     command -v zstd >/dev/null || missing+=(zstd)
     command -v gzip >/dev/null || missing+=(gzip)
+    command -v readelf >/dev/null || missing+=(binutils)
     if [[ "$(dpkg-query -W -f='${Status}' busybox-static 2>/dev/null)" != "install ok installed" ]]; then
         missing+=(busybox-static)
     fi
@@ -187,8 +208,18 @@ make_cpio() {
     mv -f "$out.tmp" "$out"
 }
 
+# write_guest_init FILE [AGENT]: the test /init. The lines between the
+# #@AGENT-BEGIN@ and #@AGENT-END@ markers (start qemu-ga on the guest-agent
+# virtio-serial port before the banner) are kept only with AGENT=1 (the agent
+# image); the plain initrd's /init does not contain them.
 write_guest_init() {
-    cat >"$1" <<'EOF'
+    local agent=${2:-0} filter
+    if [[ $agent -eq 1 ]]; then
+        filter='/^#@AGENT-\(BEGIN\|END\)@$/d'
+    else
+        filter='/^#@AGENT-BEGIN@$/,/^#@AGENT-END@$/d'
+    fi
+    sed -e "$filter" -e "s/@QGA_PORT_NAME@/$QGA_PORT_NAME/g" >"$1" <<'EOF'
 #!/bin/sh
 # minivmm test guest init. Kernel command line contract:
 #   minivmm.action=poweroff (default) | reboot | hang | wait | panic | shell
@@ -213,6 +244,34 @@ for m in $(cat /etc/minivmm-modules); do
     insmod "/lib/modules/$m.ko" 2>>"$err"
 done
 acpid -d -c /etc/acpi -a /etc/acpid.conf >/dev/null 2>&1 &
+#@AGENT-BEGIN@
+# QEMU guest agent on the virtio-serial port named @QGA_PORT_NAME@
+# (no udev: find /dev/vportNpM through sysfs). Wait up to ~30 s.
+mkdir -p /run /var/run /tmp
+port=
+i=0
+while [ $i -lt 300 ]; do
+    for n in /sys/class/virtio-ports/*/name; do
+        [ -r "$n" ] || continue
+        read -r pname <"$n" 2>/dev/null || pname=
+        p=${n%/name}
+        p=/dev/${p##*/}
+        if [ "$pname" = @QGA_PORT_NAME@ ] && [ -c "$p" ]; then
+            port=$p
+            break
+        fi
+    done
+    [ -n "$port" ] && break
+    sleep 0.1
+    i=$((i + 1))
+done
+if [ -n "$port" ]; then
+    qemu-ga -m virtio-serial -p "$port" -t /run -l /run/qemu-ga.log \
+        </dev/null >/dev/null &
+else
+    echo "minivmm: no guest-agent port"
+fi
+#@AGENT-END@
 memkb=$(awk '$1 == "MemTotal:" { print $2 }' /proc/meminfo)
 echo "MINIVMM-BANNER release=$(uname -r) nproc=$(nproc) memtotal_kb=$memkb cmdline=$cmdline"
 case "$action" in
@@ -361,16 +420,21 @@ install_module() {
     esac || die "cannot install module $src"
 }
 
-# build_guest_initrd ROOT KDIR VER OUT: the test initrd (busybox, /init,
-# acpid config and GUEST_MODULES from the guest kernel package).
+# build_guest_initrd ROOT KDIR VER OUT [AGENT]: the test initrd (busybox,
+# /init, acpid config and GUEST_MODULES from the guest kernel package). With
+# AGENT=1: also AGENT_MODULES, qemu-ga and its libraries (from QGA_ROOTS, see
+# install_qga) and /sbin/shutdown.
 build_guest_initrd() {
-    local root=$1 kdir=$2 ver=$3 out=$4 m f
+    local root=$1 kdir=$2 ver=$3 out=$4 agent=${5:-0} m f
+    local modules=("${GUEST_MODULES[@]}")
+    [[ $agent -eq 1 ]] && modules+=("${AGENT_MODULES[@]}")
     populate_busybox "$root"
     mkdir -p "$root/lib/modules"
     : >"$root/etc/minivmm-modules"
-    for m in "${GUEST_MODULES[@]}"; do
+    for m in "${modules[@]}"; do
         f=$(find_module "$kdir/lib/modules/$ver" "$m")
         if [[ -z "$f" ]]; then
+            [[ $agent -eq 1 ]] && die "agent: module $m not found in $ver"
             log "guest: warning: module $m not found in $ver, skipping"
             continue
         fi
@@ -378,8 +442,88 @@ build_guest_initrd() {
         printf '%s\n' "$m" >>"$root/etc/minivmm-modules"
     done
     write_guest_acpid "$root"
-    write_guest_init "$root/init"
+    if [[ $agent -eq 1 ]]; then
+        install_qga "$root"
+        write_guest_shutdown "$root"
+    fi
+    write_guest_init "$root/init" "$agent"
     make_cpio "$root" "$out"
+}
+
+# elf_needed FILE: the DT_NEEDED sonames of an ELF file.
+elf_needed() {
+    LC_ALL=C readelf -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]$/\1/p'
+}
+
+# find_lib SONAME: the file providing SONAME in the unpacked QGA_ROOTS.
+find_lib() {
+    local so=$1 r d
+    for r in "${QGA_ROOTS[@]}"; do
+        for d in lib/x86_64-linux-gnu usr/lib/x86_64-linux-gnu lib64 lib usr/lib; do
+            if [[ -e "$r/$d/$so" ]]; then
+                printf '%s\n' "$r/$d/$so"
+                return 0
+            fi
+        done
+    done
+    return 1
+}
+
+# install_qga ROOT: /usr/sbin/qemu-ga, the closure of its DT_NEEDED libraries
+# (copied, symlinks resolved, to /lib/x86_64-linux-gnu/<soname>) and the
+# dynamic loader (/lib64/ld-linux-x86-64.so.2 -> /lib/x86_64-linux-gnu/...).
+install_qga() {
+    local root=$1 qga="" r so src interp
+    local -a todo
+    local -A seen=()
+    for r in "${QGA_ROOTS[@]}"; do
+        [[ -x "$r/usr/sbin/qemu-ga" ]] && qga="$r/usr/sbin/qemu-ga"
+    done
+    [[ -n "$qga" ]] || die "agent: no usr/sbin/qemu-ga in the unpacked qemu-guest-agent"
+    install -D -m 0755 "$qga" "$root/usr/sbin/qemu-ga"
+    interp=$(LC_ALL=C readelf -l "$qga" | sed -n 's/.*Requesting program interpreter: \(.*\)\]$/\1/p')
+    [[ "$interp" == /lib64/ld-linux-x86-64.so.2 ]] ||
+        die "agent: unexpected qemu-ga interpreter '$interp'"
+    mkdir -p "$root/lib/x86_64-linux-gnu" "$root/lib64"
+    mapfile -t todo < <(elf_needed "$qga")
+    todo+=(ld-linux-x86-64.so.2)
+    while [[ ${#todo[@]} -gt 0 ]]; do
+        so=${todo[0]}
+        todo=("${todo[@]:1}")
+        [[ -n "${seen[$so]:-}" ]] && continue
+        seen[$so]=1
+        src=$(find_lib "$so") ||
+            die "agent: shared library $so (needed by qemu-ga) not found in: ${QGA_PACKAGES[*]}"
+        cp -L "$src" "$root/lib/x86_64-linux-gnu/$so"
+        mapfile -t -O "${#todo[@]}" todo < <(elf_needed "$root/lib/x86_64-linux-gnu/$so")
+    done
+    ln -sfn /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "$root/lib64/ld-linux-x86-64.so.2"
+    log "agent: qemu-ga libraries: $(printf '%s\n' "${!seen[@]}" | LC_ALL=C sort | tr '\n' ' ')"
+    if [[ $(id -u) -eq 0 ]]; then
+        local v
+        v=$(chroot "$root" /usr/sbin/qemu-ga --version 2>&1) ||
+            die "agent: 'chroot $root /usr/sbin/qemu-ga --version' failed: $v"
+        log "agent: chroot check: $v"
+    else
+        log "agent: not root, skipping the chroot qemu-ga --version check"
+    fi
+}
+
+# write_guest_shutdown ROOT: /sbin/shutdown for qemu-ga's guest-shutdown,
+# which runs "/sbin/shutdown -h -P|-H|-r +0 <message>" (powerdown, halt,
+# reboot) and waits for it: -r -> reboot -f, anything else -> poweroff -f.
+write_guest_shutdown() {
+    local root=$1
+    rm -f "$root/sbin/shutdown"
+    cat >"$root/sbin/shutdown" <<'EOF'
+#!/bin/sh
+# minivmm agent image: shutdown(8) stand-in for qemu-ga's guest-shutdown.
+for a in "$@"; do
+    [ "$a" = -r ] && exec /bin/busybox reboot -f
+done
+exec /bin/busybox poweroff -f
+EOF
+    chmod 0755 "$root/sbin/shutdown"
 }
 
 build_l1_initrd() {
@@ -437,6 +581,16 @@ extract_vmlinux "$OUT/vmlinuz" "$OUT/vmlinux"
 # Guest initrd.
 rm -rf "$WORK/initrd"
 build_guest_initrd "$WORK/initrd" "$WORK/cloud" "$cloud_ver" "$OUT/initrd.img"
+
+# Guest-agent initrd: the same plus qemu-ga (Debian's qemu-guest-agent).
+QGA_ROOTS=()
+for pkg in "${QGA_PACKAGES[@]}"; do
+    deb=$(fetch_deb "$pkg")
+    unpack_deb "$deb" "$WORK/qga/$pkg"
+    QGA_ROOTS+=("$WORK/qga/$pkg")
+done
+rm -rf "$WORK/agent-initrd"
+build_guest_initrd "$WORK/agent-initrd" "$WORK/cloud" "$cloud_ver" "$OUT/agent-initrd.img" 1
 
 # L1 kernel + initrd for nested-run.sh.
 cp "$WORK/generic/boot/vmlinuz-$generic_ver" "$OUT/l1/vmlinuz.tmp"
