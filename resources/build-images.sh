@@ -266,8 +266,12 @@ while [ $i -lt 300 ]; do
     i=$((i + 1))
 done
 if [ -n "$port" ]; then
-    qemu-ga -m virtio-serial -p "$port" -t /run -l /run/qemu-ga.log \
-        </dev/null >/dev/null &
+    # Respawned when it dies (tests kill it to check the host side recovers).
+    (while :; do
+        qemu-ga -m virtio-serial -p "$port" -t /run -l /run/qemu-ga.log \
+            </dev/null >/dev/null
+        sleep 1
+    done) &
 else
     echo "minivmm: no guest-agent port"
 fi

@@ -506,6 +506,38 @@ fn real_qemu_ga_through_the_agent_socket_and_qmp() {
     );
     assert!(q.cmd(r#"{"execute":"guest-info"}"#)["return"]["version"].is_string());
 
+    // qemu-ga killed inside the guest: the port closes, requests fail at once;
+    // the guest's init respawns it and the channel recovers (after a sync).
+    let kill = q.cmd(
+        r#"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","sleep 0.2; kill $(pidof qemu-ga)"]}}"#,
+    );
+    assert!(kill["return"]["pid"].is_i64(), "{kill}");
+    assert_eq!(
+        q.wait_event("VSERPORT_CHANGE")["data"],
+        json!({"id": "qga0", "open": false})
+    );
+    assert_eq!(
+        a.cmd(r#"{"execute":"guest-ping"}"#)["error"]["desc"],
+        "Guest agent is not connected"
+    );
+    let chardev = q.cmd(r#"{"execute":"query-chardev"}"#)["return"].clone();
+    let qga0 = chardev
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["label"] == "qga0")
+        .unwrap()
+        .clone();
+    assert_eq!(qga0["frontend-open"], false);
+    assert_eq!(
+        q.wait_event("VSERPORT_CHANGE")["data"],
+        json!({"id": "qga0", "open": true})
+    );
+    assert_eq!(
+        a.cmd(r#"{"execute":"guest-ping","id":"back"}"#),
+        json!({"return": {}, "id": "back"})
+    );
+
     // guest-shutdown: qemu-ga runs /sbin/shutdown; the guest powers off.
     assert_eq!(
         q.cmd(r#"{"execute":"guest-shutdown"}"#),
