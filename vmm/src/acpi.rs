@@ -133,6 +133,10 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
         .flag(Flags::ResetRegSup)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
+    // IA-PC boot architecture flags: no VGA (bit 2), no CMOS RTC (bit 5). The
+    // guest takes wall-clock time from kvmclock; without this, Linux probes a
+    // CMOS RTC that is not there.
+    b.iapc_boot_arch = ((1u16 << 2) | (1u16 << 5)).into();
     b.reset_reg = io_gas(RESET_PORT);
     b.reset_value = RESET_VALUE;
     b.sleep_control_reg = io_gas(SLEEP_CONTROL_PORT);
@@ -244,6 +248,8 @@ mod tests {
         assert_eq!(u64_at(&t, 120), u64::from(RESET_PORT));
         assert_eq!(t[128], RESET_VALUE);
         assert_eq!(u64_at(&t, 140), 0x1234_5678, "X_DSDT");
+        let boot_arch = u16::from_le_bytes([t[109], t[110]]);
+        assert_eq!(boot_arch, (1 << 2) | (1 << 5), "no VGA, no CMOS RTC");
         // SLEEP_CONTROL_REG at 244, SLEEP_STATUS_REG at 256.
         assert_eq!(u64_at(&t, 248), u64::from(SLEEP_CONTROL_PORT));
         assert_eq!(u64_at(&t, 260), u64::from(SLEEP_STATUS_PORT));
