@@ -349,27 +349,13 @@ pub struct AgentProxy {
 }
 
 fn bind_unix(path: &Path) -> Result<UnixListener, ProxyError> {
-    let bind_err = |source| ProxyError::Bind {
-        path: path.into(),
-        source,
-    };
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(ProxyError::InUse(path.into()));
-        }
-        // A stale socket left by a process that is gone.
-        std::fs::remove_file(path).map_err(bind_err)?;
-    }
-    // Owner-only permissions from the start: no window where others may connect.
-    // SAFETY: umask only changes this process's file mode mask; it is restored
-    // right after, before any other thread is started.
-    let old = unsafe { libc::umask(0o177) };
-    let r = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    let l = r.map_err(bind_err)?;
-    l.set_nonblocking(true).map_err(bind_err)?;
-    Ok(l)
+    qmp::server::bind_owner_only(path).map_err(|e| match e {
+        qmp::server::UnixBindError::InUse => ProxyError::InUse(path.into()),
+        qmp::server::UnixBindError::Io(source) => ProxyError::Bind {
+            path: path.into(),
+            source,
+        },
+    })
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {

@@ -16,7 +16,7 @@ pub const STRAY_SENTINEL: &str = "JSON parse error, stray '\u{FFFD}'";
 /// Serializes `v` like qemu-ga and appends "\n".
 pub fn to_wire(v: &Value) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
-    write_value(v, &mut out);
+    qmp::protocol::write_json(v, &mut out);
     out.push(b'\n');
     out
 }
@@ -26,58 +26,6 @@ pub fn to_request_wire(v: &Value) -> Vec<u8> {
     let mut out = v.to_string().into_bytes();
     out.push(b'\n');
     out
-}
-
-fn write_value(v: &Value, out: &mut Vec<u8>) {
-    match v {
-        Value::Object(m) => {
-            out.push(b'{');
-            for (i, (k, v)) in m.iter().enumerate() {
-                if i > 0 {
-                    out.extend_from_slice(b", ");
-                }
-                write_str(k, out);
-                out.extend_from_slice(b": ");
-                write_value(v, out);
-            }
-            out.push(b'}');
-        }
-        Value::Array(a) => {
-            out.push(b'[');
-            for (i, v) in a.iter().enumerate() {
-                if i > 0 {
-                    out.extend_from_slice(b", ");
-                }
-                write_value(v, out);
-            }
-            out.push(b']');
-        }
-        Value::String(s) => write_str(s, out),
-        scalar => out.extend_from_slice(scalar.to_string().as_bytes()),
-    }
-}
-
-fn write_str(s: &str, out: &mut Vec<u8>) {
-    out.push(b'"');
-    for c in s.chars() {
-        match c {
-            '"' => out.extend_from_slice(b"\\\""),
-            '\\' => out.extend_from_slice(b"\\\\"),
-            '\u{8}' => out.extend_from_slice(b"\\b"),
-            '\u{c}' => out.extend_from_slice(b"\\f"),
-            '\n' => out.extend_from_slice(b"\\n"),
-            '\r' => out.extend_from_slice(b"\\r"),
-            '\t' => out.extend_from_slice(b"\\t"),
-            ' '..='~' => out.push(c as u8),
-            c => {
-                let mut units = [0u16; 2];
-                for u in c.encode_utf16(&mut units) {
-                    out.extend_from_slice(format!("\\u{u:04X}").as_bytes());
-                }
-            }
-        }
-    }
-    out.push(b'"');
 }
 
 /// A reply object in QEMU's member order: `{"return": ..., "id": ...}` or

@@ -112,12 +112,15 @@ pub fn greeting(version: &Value) -> Value {
 /// Serializes like QEMU: `{"a": 1, "b": [1, 2]}`, then "\r\n".
 pub fn to_wire(v: &Value) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
-    write_value(v, &mut out);
+    write_json(v, &mut out);
     out.extend_from_slice(b"\r\n");
     out
 }
 
-fn write_value(v: &Value, out: &mut Vec<u8>) {
+/// Appends `v` serialized the way QEMU's JSON writer does (used by QMP and by
+/// qemu-ga): ", " and ": " separators, characters outside printable ASCII
+/// escaped as `\uXXXX` (upper-case hex, surrogate pairs beyond the BMP).
+pub fn write_json(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Object(m) => {
             out.push(b'{');
@@ -125,9 +128,9 @@ fn write_value(v: &Value, out: &mut Vec<u8>) {
                 if i > 0 {
                     out.extend_from_slice(b", ");
                 }
-                write_value(&Value::String(k.clone()), out);
+                write_str(k, out);
                 out.extend_from_slice(b": ");
-                write_value(v, out);
+                write_json(v, out);
             }
             out.push(b'}');
         }
@@ -137,15 +140,36 @@ fn write_value(v: &Value, out: &mut Vec<u8>) {
                 if i > 0 {
                     out.extend_from_slice(b", ");
                 }
-                write_value(v, out);
+                write_json(v, out);
             }
             out.push(b']');
         }
-        scalar => {
-            // Scalars cannot fail to serialize.
-            out.extend_from_slice(scalar.to_string().as_bytes());
+        Value::String(s) => write_str(s, out),
+        scalar => out.extend_from_slice(scalar.to_string().as_bytes()),
+    }
+}
+
+fn write_str(s: &str, out: &mut Vec<u8>) {
+    out.push(b'"');
+    for c in s.chars() {
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            '\u{8}' => out.extend_from_slice(b"\\b"),
+            '\u{c}' => out.extend_from_slice(b"\\f"),
+            '\n' => out.extend_from_slice(b"\\n"),
+            '\r' => out.extend_from_slice(b"\\r"),
+            '\t' => out.extend_from_slice(b"\\t"),
+            ' '..='~' => out.push(c as u8),
+            c => {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.extend_from_slice(format!("\\u{u:04X}").as_bytes());
+                }
+            }
         }
     }
+    out.push(b'"');
 }
 
 /// Types of command arguments.
@@ -345,6 +369,10 @@ mod tests {
     #[test]
     fn strings_are_escaped() {
         assert_eq!(wire(&json!({"a\"": "b\n"})), "{\"a\\\"\": \"b\\n\"}\r\n");
+        assert_eq!(
+            wire(&json!("\u{e9}\u{1F600}\u{7f}")),
+            "\"\\u00E9\\uD83D\\uDE00\\u007F\"\r\n"
+        );
     }
 
     #[test]

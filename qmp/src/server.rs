@@ -268,17 +268,27 @@ pub struct QmpServer {
     next_serial: u64,
 }
 
-fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
-    let bind_err = |source| ServerError::Bind {
-        endpoint: format!("unix:{}", path.display()),
-        source,
-    };
+/// Why a Unix socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum UnixBindError {
+    /// Another process serves this socket.
+    #[error("in use by another process")]
+    InUse,
+    /// Anything else.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Binds a non-blocking, owner-only (0600) Unix socket at `path`. A stale socket
+/// file (nobody listening) is replaced; a live one is [`UnixBindError::InUse`].
+/// Shared by the QMP server and the guest-agent proxy.
+pub fn bind_owner_only(path: &Path) -> Result<UnixListener, UnixBindError> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
-            return Err(ServerError::InUse(path.into()));
+            return Err(UnixBindError::InUse);
         }
         // A stale socket left by a process that is gone.
-        std::fs::remove_file(path).map_err(bind_err)?;
+        std::fs::remove_file(path)?;
     }
     // Owner-only permissions from the start: no window where others may connect.
     // SAFETY: umask only changes this process's file mode mask; it is restored
@@ -287,7 +297,19 @@ fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
     let r = UnixListener::bind(path);
     // SAFETY: as above.
     unsafe { libc::umask(old) };
-    r.map_err(bind_err)
+    let l = r?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
+    bind_owner_only(path).map_err(|e| match e {
+        UnixBindError::InUse => ServerError::InUse(path.into()),
+        UnixBindError::Io(source) => ServerError::Bind {
+            endpoint: format!("unix:{}", path.display()),
+            source,
+        },
+    })
 }
 
 impl QmpServer {
