@@ -223,6 +223,8 @@ write_guest_init() {
 #!/bin/sh
 # minivmm test guest init. Kernel command line contract:
 #   minivmm.action=poweroff (default) | reboot | hang | wait | panic | shell
+#   ... -- CMD ARGS: words after "--" reach init as arguments; they are run
+#   (as one shell command line) after the banner, before the action.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -278,6 +280,9 @@ fi
 #@AGENT-END@
 memkb=$(awk '$1 == "MemTotal:" { print $2 }' /proc/meminfo)
 echo "MINIVMM-BANNER release=$(uname -r) nproc=$(nproc) memtotal_kb=$memkb cmdline=$cmdline"
+if [ $# -gt 0 ]; then
+    sh -c "$*"
+fi
 case "$action" in
 shell)
     echo "minivmm: type 'poweroff -f' to stop the VM"

@@ -38,15 +38,22 @@ fn bzimage_boots_with_cmdline_cpus_and_memory_then_powers_off() {
     if !real_guest_available("bzimage_boots_with_cmdline_cpus_and_memory_then_powers_off") {
         return;
     }
-    let append = "console=ttyS0 quiet minivmm.action=poweroff minivmm.test=bz-42";
+    let append =
+        "console=ttyS0 quiet minivmm.action=poweroff minivmm.test=bz-42 -- echo ran-$((6*7))";
     let mut vm = boot("vmlinuz", append, &["--memory", "1G", "--cpus", "2"]);
     let b = vm.wait_banner(BOOT);
+    vm.wait_line(BOOT, |l| l.trim_end() == "ran-42");
     assert!(b.release.contains("cloud-amd64"), "{b:?}");
     assert_eq!(b.cmdline, append, "--append reaches /proc/cmdline verbatim");
     assert_eq!(b.nproc, 2, "--cpus 2");
     assert!(within(b.memtotal_kb, 1 << 30, 0.15), "--memory 1G: {b:?}");
     let (st, err) = vm.wait_exit(BOOT);
     assert_eq!(st.code(), Some(0), "poweroff -f exits 0; stderr: {err}");
+    assert!(
+        !vm.seen.iter().any(|l| l.contains("panicked")),
+        "{:?}",
+        vm.seen
+    );
 }
 
 #[test]
@@ -447,6 +454,44 @@ fn real_qemu_ga_through_the_agent_socket_and_qmp() {
     assert_eq!(status["return"]["exitcode"], 0);
     let out = unb64(status["return"]["out-data"].as_str().unwrap());
     assert_eq!(String::from_utf8_lossy(&out).trim(), banner.release);
+
+    // Linux named the port as QEMU's guests see it.
+    let pid = a.cmd(r#"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","cat /sys/class/virtio-ports/vport0p1/name; ls /dev/vport0p1"],"capture-output":true}}"#)
+        ["return"]["pid"]
+        .as_i64()
+        .unwrap();
+    let st = loop {
+        let st = a.cmd(&format!(
+            r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#
+        ));
+        if st["return"]["exited"] == true {
+            break st;
+        }
+    };
+    let out = String::from_utf8(unb64(st["return"]["out-data"].as_str().unwrap())).unwrap();
+    assert_eq!(out, "org.qemu.guest_agent.0\n/dev/vport0p1\n");
+
+    // The guest clock stands still while the VM is stopped (KVM_GET/SET_CLOCK):
+    // the pause itself is what is measured here.
+    let guest_ns = |a: &mut Agent| {
+        a.cmd(r#"{"execute":"guest-get-time"}"#)["return"]
+            .as_i64()
+            .unwrap()
+    };
+    let t0 = guest_ns(&mut a);
+    let host0 = std::time::Instant::now();
+    q.cmd(r#"{"execute":"stop"}"#);
+    std::thread::sleep(Duration::from_secs(4));
+    q.cmd(r#"{"execute":"cont"}"#);
+    let t1 = guest_ns(&mut a);
+    let host_elapsed = host0.elapsed().as_nanos() as i64;
+    let guest_elapsed = t1 - t0;
+    assert!(
+        guest_elapsed < host_elapsed - 3_000_000_000,
+        "guest time advanced {guest_elapsed} ns over a {host_elapsed} ns window with 4 s paused"
+    );
+    q.wait_event("STOP");
+    q.wait_event("RESUME");
 
     // A 1 MiB file written (in 256 KiB writes: client messages are capped at 1 MiB)
     // and read back in one reply.
