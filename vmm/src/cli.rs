@@ -27,7 +27,11 @@ Serial console (when stdin is a terminal):
 Examples:
   minivmm --kernel vmlinuz --initrd initrd.img --append \"console=ttyS0\" --memory 1G --cpus 2
   minivmm --kernel vmlinuz --initrd initrd.img --qmp unix:/tmp/vm.qmp --name ci-7 &
-  socat - UNIX-CONNECT:/tmp/vm.qmp      # then type {\"execute\":\"qmp_capabilities\"}";
+  socat - UNIX-CONNECT:/tmp/vm.qmp      # then type {\"execute\":\"qmp_capabilities\"}
+  minivmm --kernel vmlinuz --initrd agent-initrd.img --agent unix:/tmp/vm.qga &
+  echo '{\"execute\":\"guest-ping\"}' | socat - UNIX-CONNECT:/tmp/vm.qga
+
+Environment: RUST_LOG=info|debug for more log lines on stderr.";
 
 /// Command line arguments.
 #[derive(Debug, Parser)]
