@@ -550,6 +550,11 @@ fn real_qemu_ga_through_the_agent_socket_and_qmp() {
         json!({"return": {}, "id": 7})
     );
     assert!(q.cmd(r#"{"execute":"guest-info"}"#)["return"]["version"].is_string());
+    assert_eq!(
+        q.cmd(r#"{"execute":"guest-no-such-command"}"#)["error"]["class"],
+        "CommandNotFound",
+        "the agent's error class reaches QMP"
+    );
 
     // qemu-ga killed inside the guest: the port closes, requests fail at once;
     // the guest's init respawns it and the channel recovers (after a sync).

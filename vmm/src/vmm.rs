@@ -275,7 +275,12 @@ fn complete_agent_replies(server: &mut QmpServer, proxy: &Rc<RefCell<AgentProxy>
     let replies = proxy.borrow_mut().take_qmp_replies();
     let any = !replies.is_empty();
     for (token, result) in replies {
-        let result = result.map_err(|e| QmpError::generic(e.desc));
+        // Keep the agent's error class where QMP has it (qemu-ga uses
+        // GenericError and CommandNotFound).
+        let result = result.map_err(|e| match e.class.as_str() {
+            "CommandNotFound" => QmpError::not_found(e.desc),
+            _ => QmpError::generic(e.desc),
+        });
         if !server.complete(token, result) {
             log::debug!("agent reply {token} had no waiting QMP client");
         }
