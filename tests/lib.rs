@@ -520,6 +520,13 @@ pub fn thread_parked(pid: u32, tid: i64) -> bool {
     false
 }
 
+/// A tiny guest made of `parts` (x86 code), as an ELF kernel file; returns its path.
+pub fn tiny_guest(test: &str, parts: &[&[u8]]) -> String {
+    temp_file(test, "guest.elf", &tiny_elf(&parts.concat()))
+        .display()
+        .to_string()
+}
+
 /// Writes `bytes` to a fresh file in a per-test temporary directory.
 pub fn temp_file(test: &str, name: &str, bytes: &[u8]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("minivmm-test-{}-{test}", std::process::id()));

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use minivmm_tests::{
-    code_out_then_halt, code_print, kvm_available, temp_file, tiny_elf, Vm, CODE_SPIN,
+    code_out_then_halt, code_print, kvm_available, temp_file, tiny_guest, Vm, CODE_SPIN,
 };
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -16,19 +16,12 @@ const PM_PORT: u16 = 0x600;
 const S5: u8 = (5 << 2) | (1 << 5);
 const RESET_PORT: u16 = 0x604;
 
-fn guest(test: &str, parts: &[&[u8]]) -> String {
-    let code: Vec<u8> = parts.concat();
-    temp_file(test, "guest.elf", &tiny_elf(&code))
-        .display()
-        .to_string()
-}
-
 #[test]
 fn acpi_poweroff_exits_zero_with_output_flushed() {
     if !kvm_available("acpi_poweroff_exits_zero_with_output_flushed") {
         return;
     }
-    let k = guest(
+    let k = tiny_guest(
         "poweroff",
         &[
             &code_print(b"hello from the guest\n"),
@@ -46,7 +39,7 @@ fn reset_register_reboots_in_the_same_process() {
     if !kvm_available("reset_register_reboots_in_the_same_process") {
         return;
     }
-    let k = guest(
+    let k = tiny_guest(
         "reset",
         &[&code_print(b"boot\n"), &code_out_then_halt(RESET_PORT, 1)],
     );
@@ -64,7 +57,7 @@ fn i8042_reset_reboots_and_no_reboot_exits_zero() {
     if !kvm_available("i8042_reset_reboots_and_no_reboot_exits_zero") {
         return;
     }
-    let k = guest(
+    let k = tiny_guest(
         "i8042",
         &[&code_print(b"boot\n"), &code_out_then_halt(0x64, 0xfe)],
     );
@@ -80,7 +73,7 @@ fn timeout_exits_124() {
     if !kvm_available("timeout_exits_124") {
         return;
     }
-    let k = guest("timeout", &[&code_print(b"spinning\n"), &CODE_SPIN]);
+    let k = tiny_guest("timeout", &[&code_print(b"spinning\n"), &CODE_SPIN]);
     let mut vm = Vm::spawn(&["--kernel", &k, "--timeout", "1", "--cpus", "2"]);
     vm.wait_line(LIMIT, |l| l == "spinning");
     let (st, err) = vm.wait_exit(LIMIT);
@@ -93,7 +86,7 @@ fn sigint_exits_130() {
     if !kvm_available("sigint_exits_130") {
         return;
     }
-    let k = guest("sigint", &[&code_print(b"up\n"), &CODE_SPIN]);
+    let k = tiny_guest("sigint", &[&code_print(b"up\n"), &CODE_SPIN]);
     let mut vm = Vm::spawn(&["--kernel", &k]);
     vm.wait_line(LIMIT, |l| l == "up");
     vm.signal(libc::SIGINT);
@@ -106,7 +99,7 @@ fn serial_to_file_and_none() {
     if !kvm_available("serial_to_file_and_none") {
         return;
     }
-    let k = guest(
+    let k = tiny_guest(
         "serialfile",
         &[
             &code_print(b"to the file\n"),
@@ -136,7 +129,7 @@ fn triple_fault_is_a_reset() {
         return;
     }
     // ud2 with no IDT: the #UD escalates to a triple fault, which is a reset.
-    let k = guest("triplefault", &[&code_print(b"x\n"), &[0x0f, 0x0b]]);
+    let k = tiny_guest("triplefault", &[&code_print(b"x\n"), &[0x0f, 0x0b]]);
     let mut vm = Vm::spawn(&["--kernel", &k, "--no-reboot"]);
     let (st, err) = vm.wait_exit(LIMIT);
     assert_eq!(vm.seen, vec!["x"]);
@@ -151,7 +144,7 @@ fn kvm_failure_exits_one_with_registers() {
     }
     // Jump to 0x3000_0000: mapped by the boot page tables but not guest RAM, so
     // KVM cannot fetch the next instruction and reports an error.
-    let k = guest(
+    let k = tiny_guest(
         "kvmfail",
         &[
             &code_print(b"x\n"),
@@ -210,7 +203,7 @@ fn terminal_console_raw_mode_escape_keys_and_restore() {
     if !kvm_available("terminal_console_raw_mode_escape_keys_and_restore") {
         return;
     }
-    let k = guest("pty", &[&code_print(b"guest-up\n"), &CODE_SPIN]);
+    let k = tiny_guest("pty", &[&code_print(b"guest-up\n"), &CODE_SPIN]);
     let mut pty = open_pty();
     let canon = libc::ICANON | libc::ECHO;
     assert_eq!(lflag(&pty.slave) & canon, canon, "a new pty starts cooked");

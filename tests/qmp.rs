@@ -10,22 +10,16 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use minivmm_tests::{
-    code_out, code_out_then_halt, code_print, kvm_available, socket_path, temp_file, thread_parked,
-    tiny_elf, Qmp, Vm, CODE_SPIN,
+    code_out, code_out_then_halt, code_print, kvm_available, socket_path, thread_parked,
+    tiny_guest, Qmp, Vm, CODE_SPIN,
 };
 use serde_json::{json, Value};
 
 const LIMIT: Duration = Duration::from_secs(30);
 const S5: u8 = (5 << 2) | (1 << 5);
 
-fn guest(test: &str, parts: &[&[u8]]) -> String {
-    temp_file(test, "guest.elf", &tiny_elf(&parts.concat()))
-        .display()
-        .to_string()
-}
-
 fn spin_guest(test: &str) -> String {
-    guest(test, &[&code_print(b"boot\n"), &CODE_SPIN])
+    tiny_guest(test, &[&code_print(b"boot\n"), &CODE_SPIN])
 }
 
 struct Setup {
@@ -355,7 +349,7 @@ fn guest_poweroff_emits_shutdown_and_exits_zero() {
         return;
     }
     // The guest waits to be started, then powers off.
-    let k = guest(
+    let k = tiny_guest(
         "poweroff",
         &[&code_print(b"bye\n"), &code_out_then_halt(0x600, S5)],
     );
@@ -377,7 +371,7 @@ fn no_shutdown_keeps_the_process_and_reset_cont_boots_again() {
     if !kvm_available("no_shutdown_keeps_the_process_and_reset_cont_boots_again") {
         return;
     }
-    let k = guest(
+    let k = tiny_guest(
         "noshutdown",
         &[&code_print(b"bye\n"), &code_out_then_halt(0x600, S5)],
     );
@@ -420,7 +414,7 @@ fn guest_reset_events_with_and_without_no_reboot() {
     if !kvm_available("guest_reset_events_with_and_without_no_reboot") {
         return;
     }
-    let k = guest(
+    let k = tiny_guest(
         "guestreset",
         &[&code_print(b"boot\n"), &code_out_then_halt(0x604, 1)],
     );
@@ -454,7 +448,7 @@ fn guest_panic_via_pvpanic() {
     if !kvm_available("guest_panic_via_pvpanic") {
         return;
     }
-    let k = guest(
+    let k = tiny_guest(
         "panic",
         &[&code_print(b"oops\n"), &code_out(0x505, 1), &CODE_SPIN],
     );
@@ -495,7 +489,7 @@ fn kvm_failure_with_no_shutdown_is_internal_error_and_reset_recovers() {
     if !kvm_available("kvm_failure_with_no_shutdown_is_internal_error_and_reset_recovers") {
         return;
     }
-    let k = guest(
+    let k = tiny_guest(
         "interr",
         &[
             &code_print(b"x\n"),

@@ -460,11 +460,6 @@ impl AgentProxy {
         self.clients.len()
     }
 
-    /// The file descriptor of the timer (armed while a request or sync is in flight).
-    pub fn timer_fd(&self) -> RawFd {
-        self.timer.as_raw_fd()
-    }
-
     // ---- guest side -------------------------------------------------------
 
     /// The guest opened (`true`) or closed (`false`) the port. Opening starts a

@@ -2,7 +2,7 @@
 //! (`{"return": {}}` with ", " and ": " separators, characters outside printable
 //! ASCII escaped as `\uXXXX`), each followed by a single "\n".
 
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 use crate::AgentError;
 
@@ -31,22 +31,10 @@ pub fn to_request_wire(v: &Value) -> Vec<u8> {
 /// A reply object in QEMU's member order: `{"return": ..., "id": ...}` or
 /// `{"id": ..., "error": {"class": ..., "desc": ...}}`.
 pub fn reply(result: &Result<Value, AgentError>, id: Option<&Value>) -> Value {
-    let mut m = Map::new();
-    match result {
-        Ok(v) => {
-            m.insert("return".into(), v.clone());
-            if let Some(id) = id {
-                m.insert("id".into(), id.clone());
-            }
-        }
-        Err(e) => {
-            if let Some(id) = id {
-                m.insert("id".into(), id.clone());
-            }
-            m.insert("error".into(), json!({"class": e.class, "desc": e.desc}));
-        }
-    }
-    Value::Object(m)
+    let result = result
+        .as_ref()
+        .map_err(|e| (e.class.as_str(), e.desc.as_str()));
+    qmp::protocol::reply_parts(result, id)
 }
 
 /// Whether `v` has the shape of an agent reply (an object with `return` or `error`).
@@ -73,6 +61,7 @@ pub fn reply_result(v: &Value) -> Result<Value, AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn s(v: &Value) -> Vec<u8> {
         to_wire(v)

@@ -50,15 +50,19 @@ impl QmpError {
             desc: desc.into(),
         }
     }
-
-    fn to_value(&self) -> Value {
-        json!({"class": self.class.as_str(), "desc": self.desc})
-    }
 }
 
 /// A reply to a command: `{"return": ..., "id": ...}` or `{"id": ..., "error": ...}`
 /// (QEMU's member order).
 pub fn reply(result: &Result<Value, QmpError>, id: Option<&Value>) -> Value {
+    match result {
+        Ok(v) => reply_parts(Ok(v), id),
+        Err(e) => reply_parts(Err((e.class.as_str(), &e.desc)), id),
+    }
+}
+
+/// [`reply`] for any error class name (the guest agent has its own).
+pub fn reply_parts(result: Result<&Value, (&str, &str)>, id: Option<&Value>) -> Value {
     let mut m = Map::new();
     match result {
         Ok(v) => {
@@ -67,11 +71,11 @@ pub fn reply(result: &Result<Value, QmpError>, id: Option<&Value>) -> Value {
                 m.insert("id".into(), id.clone());
             }
         }
-        Err(e) => {
+        Err((class, desc)) => {
             if let Some(id) = id {
                 m.insert("id".into(), id.clone());
             }
-            m.insert("error".into(), e.to_value());
+            m.insert("error".into(), json!({"class": class, "desc": desc}));
         }
     }
     Value::Object(m)

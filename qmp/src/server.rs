@@ -327,14 +327,14 @@ impl QmpServer {
                     })?)
                 }
             };
-            let nb = match &l {
-                Listener::Unix(u, _) => u.set_nonblocking(true),
-                Listener::Tcp(t) => t.set_nonblocking(true),
-            };
-            nb.map_err(|source| ServerError::Bind {
-                endpoint: ep.filename(),
-                source,
-            })?;
+            if let Listener::Tcp(t) = &l {
+                // (Unix listeners come non-blocking from bind_owner_only.)
+                t.set_nonblocking(true)
+                    .map_err(|source| ServerError::Bind {
+                        endpoint: ep.filename(),
+                        source,
+                    })?;
+            }
             listeners.push(l);
             chardevs.push(ChardevInfo {
                 label: format!("compat_monitor{i}"),
@@ -428,7 +428,8 @@ impl QmpServer {
         let v = match item {
             Framed::Value(v) => v,
             Framed::Error(msg) => return Some(protocol::reply(&Err(QmpError::generic(msg)), None)),
-            Framed::TooLarge => return Some(unreachable_reply()),
+            // Oversized input drops the client before it reaches the inbox.
+            Framed::TooLarge => return None,
         };
         let req = match protocol::parse_request(v) {
             Ok(r) => r,
@@ -664,14 +665,6 @@ impl QmpServer {
             }
         }
     }
-}
-
-fn unreachable_reply() -> Value {
-    // Oversized input never reaches the inbox (the client is dropped instead).
-    protocol::reply(
-        &Err(QmpError::generic("JSON token size limit exceeded")),
-        None,
-    )
 }
 
 impl MutEventSubscriber for QmpServer {

@@ -258,11 +258,6 @@ impl Vm {
         drop(self);
     }
 
-    /// Number of vcpus.
-    pub fn vcpu_count(&self) -> usize {
-        self.vcpus.len()
-    }
-
     /// Host thread ids of the vcpus.
     pub fn vcpu_thread_ids(&self) -> &[i32] {
         self.vcpus.thread_ids()

@@ -552,10 +552,10 @@ impl Machine {
                 for m in &self.monitors {
                     v.push(json!({"frontend-open": true, "filename": m.filename, "label": m.label}));
                 }
-                if let Some(path) = &self.cfg.agent {
+                if let Some(filename) = self.agent.as_ref().and_then(|a| a.borrow().socket_filename()) {
                     v.push(json!({
                         "frontend-open": self.agent_open,
-                        "filename": format!("unix:{},server=on", path.display()),
+                        "filename": filename,
                         "label": AGENT_CHANNEL_ID,
                     }));
                 }

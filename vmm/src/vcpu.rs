@@ -192,16 +192,6 @@ impl Vcpus {
         Ok(vcpus)
     }
 
-    /// Number of vcpus.
-    pub fn len(&self) -> usize {
-        self.threads.len()
-    }
-
-    /// True when there are none.
-    pub fn is_empty(&self) -> bool {
-        self.threads.is_empty()
-    }
-
     /// Host thread id of each vcpu.
     pub fn thread_ids(&self) -> &[i32] {
         &self.tids
