@@ -28,7 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiError};
 use crate::boot::{self, BootError, BootInfo};
-use crate::cli::{SerialBackend, VmConfig};
+use crate::config::{SerialBackend, VmConfig};
 use crate::cpu::{self, CpuError};
 use crate::layout::{KVM_TSS_ADDR, VIRTIO_MMIO_BASE, VIRTIO_MMIO_GSI};
 use crate::memory::{self, MemoryError};

@@ -1,12 +1,12 @@
-//! Command line of the `minivmm` binary, and the [`VmConfig`] it produces.
+//! Command line of the `minivmm` binary; it produces a [`VmConfig`].
 //!
 //! The flag names are a contract: tests, scripts and later features rely on them.
 
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use clap::Parser;
-pub use qmp::server::Endpoint;
+
+pub use crate::config::{Endpoint, SerialBackend, VmConfig};
 
 /// Largest memory size accepted (1 TiB); KVM and the host decide the real limit.
 pub const MAX_MEMORY: u64 = 1 << 40;
@@ -122,34 +122,6 @@ pub struct Cli {
     pub no_shutdown: bool,
 }
 
-/// Destination of the guest's serial console.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SerialBackend {
-    /// Output to stdout, input from stdin.
-    Stdio,
-    /// Output appended to a file; no input.
-    File(PathBuf),
-    /// Output discarded; no input.
-    None,
-}
-
-impl FromStr for SerialBackend {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "stdio" => Ok(Self::Stdio),
-            "none" => Ok(Self::None),
-            _ => match s.strip_prefix("file:") {
-                Some("") => Err("file: needs a path, e.g. file:/tmp/console.log".into()),
-                Some(p) => Ok(Self::File(PathBuf::from(p))),
-                None => Err(format!(
-                    "unknown serial backend '{s}': use stdio, file:PATH or none"
-                )),
-            },
-        }
-    }
-}
-
 /// Parses "512M", "1G", "4096" (bytes), "64k".
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -224,43 +196,6 @@ fn parse_uuid(s: &str) -> Result<String, String> {
             "'{s}' is not a UUID (expected 8-4-4-4-12 hex digits, e.g. 12345678-1234-1234-1234-123456789abc)"
         ))
     }
-}
-
-/// Everything needed to build (and rebuild, on reboot) the VM.
-#[derive(Debug, Clone)]
-pub struct VmConfig {
-    /// Kernel image path.
-    pub kernel: PathBuf,
-    /// Initrd path.
-    pub initrd: Option<PathBuf>,
-    /// Kernel command line.
-    pub cmdline: String,
-    /// Guest RAM in bytes.
-    pub memory: u64,
-    /// Number of vcpus.
-    pub cpus: u8,
-    /// Serial backend.
-    pub serial: SerialBackend,
-    /// VM name.
-    pub name: Option<String>,
-    /// VM UUID.
-    pub uuid: Option<String>,
-    /// Exit instead of rebooting.
-    pub no_reboot: bool,
-    /// Seconds until forced stop.
-    pub timeout: Option<u64>,
-    /// QMP endpoints.
-    pub qmp: Vec<Endpoint>,
-    /// Start in prelaunch.
-    pub paused: bool,
-    /// Keep the process when the guest stops.
-    pub no_shutdown: bool,
-    /// Guest-agent socket; the agent channel exists when set.
-    pub agent: Option<PathBuf>,
-    /// Agent reply timeout, seconds.
-    pub agent_timeout: u64,
-    /// Put virtio-mmio devices on the kernel command line too.
-    pub virtio_mmio_cmdline: bool,
 }
 
 impl From<Cli> for VmConfig {
@@ -339,6 +274,30 @@ mod tests {
         );
         assert!(cfg.no_reboot);
         assert_eq!(cfg.timeout, Some(5));
+    }
+
+    /// Every flag clap knows appears in `--help` with a description, so a flag
+    /// added later cannot go undocumented.
+    #[test]
+    fn help_describes_every_flag() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        let help = cmd.render_help().to_string();
+        let mut seen = 0;
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            seen += 1;
+            let flag = format!("--{long}");
+            let line = help
+                .lines()
+                .find(|l| l.trim_start().starts_with(&flag) || l.contains(&format!(" {flag}")))
+                .unwrap_or_else(|| panic!("--help lacks {flag}:\n{help}"));
+            assert!(
+                arg.get_help().is_some() || arg.get_long_help().is_some(),
+                "{flag} has no description ({line})"
+            );
+        }
+        assert!(seen >= 18, "only {seen} flags found");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod boot;
 pub mod builder;
 pub mod cli;
+pub mod config;
 pub mod cpu;
 pub mod layout;
 pub mod machine;

@@ -14,7 +14,7 @@ pub const AGENT_CHANNEL_ID: &str = "qga0";
 use serde_json::{json, Value};
 
 use crate::builder::{self, Backends, BuildError, Vm};
-use crate::cli::{SerialBackend, VmConfig};
+use crate::config::{SerialBackend, VmConfig};
 
 /// QMP run states minivmm can be in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,7 +4,8 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
-use minivmm::cli::{Cli, VmConfig};
+use minivmm::cli::Cli;
+use minivmm::config::VmConfig;
 use minivmm::vmm;
 
 fn main() -> ExitCode {

@@ -22,7 +22,7 @@ use qmp::server::{QmpServer, ServerError};
 
 use crate::agent;
 use crate::builder::{self, Backends, BuildError};
-use crate::cli::{SerialBackend, VmConfig};
+use crate::config::{SerialBackend, VmConfig};
 pub use crate::machine::Outcome;
 use crate::machine::{self, Lifecycle, Machine};
 use crate::terminal::{self, EscapeCommand, EscapeParser, RawTerminal};

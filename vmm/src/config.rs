@@ -1,0 +1,73 @@
+//! [`VmConfig`]: everything needed to build the VM, and to rebuild it on reboot.
+//! The command line ([`crate::cli`]) produces it; nothing else in the VMM reads
+//! the command line.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+pub use qmp::server::Endpoint;
+
+/// Everything needed to build (and rebuild, on reboot) the VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Kernel image path.
+    pub kernel: PathBuf,
+    /// Initrd path.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Number of vcpus.
+    pub cpus: u8,
+    /// Serial backend.
+    pub serial: SerialBackend,
+    /// VM name.
+    pub name: Option<String>,
+    /// VM UUID.
+    pub uuid: Option<String>,
+    /// Exit instead of rebooting.
+    pub no_reboot: bool,
+    /// Seconds until forced stop.
+    pub timeout: Option<u64>,
+    /// QMP endpoints.
+    pub qmp: Vec<Endpoint>,
+    /// Start in prelaunch.
+    pub paused: bool,
+    /// Keep the process when the guest stops.
+    pub no_shutdown: bool,
+    /// Guest-agent socket; the agent channel exists when set.
+    pub agent: Option<PathBuf>,
+    /// Agent reply timeout, seconds.
+    pub agent_timeout: u64,
+    /// Put virtio-mmio devices on the kernel command line too.
+    pub virtio_mmio_cmdline: bool,
+}
+
+/// Destination of the guest's serial console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialBackend {
+    /// Output to stdout, input from stdin.
+    Stdio,
+    /// Output appended to a file; no input.
+    File(PathBuf),
+    /// Output discarded; no input.
+    None,
+}
+
+impl FromStr for SerialBackend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdio" => Ok(Self::Stdio),
+            "none" => Ok(Self::None),
+            _ => match s.strip_prefix("file:") {
+                Some("") => Err("file: needs a path, e.g. file:/tmp/console.log".into()),
+                Some(p) => Ok(Self::File(PathBuf::from(p))),
+                None => Err(format!(
+                    "unknown serial backend '{s}': use stdio, file:PATH or none"
+                )),
+            },
+        }
+    }
+}
