@@ -130,3 +130,48 @@ fn bad_agent_options_are_rejected() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("expected unix:PATH"));
 }
+
+/// Regression: more than 64 pipelined commands that the agent side answers at
+/// once used to stall after 64 replies (a capped dispatch loop) until some
+/// unrelated event woke the VMM. Every command must be answered, in order.
+#[test]
+fn many_pipelined_agent_commands_all_complete() {
+    if !kvm_available("many_pipelined_agent_commands_all_complete") {
+        return;
+    }
+    let k = temp_file(
+        "agent-pipeline",
+        "g.elf",
+        &tiny_elf(&[code_print(b"boot\n"), CODE_SPIN.to_vec()].concat()),
+    );
+    let qmp = socket_path("agent-pipeline");
+    let qga = qmp.with_file_name("vm.qga");
+    let q_spec = format!("unix:{}", qmp.display());
+    let a_spec = format!("unix:{}", qga.display());
+    let mut vm = Vm::spawn(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--qmp",
+        &q_spec,
+        "--agent",
+        &a_spec,
+    ]);
+    vm.wait_line(LIMIT, |l| l == "boot");
+    let mut q = Qmp::connect(&qmp);
+    q.set_read_timeout(LIMIT);
+    const N: usize = 70;
+    let mut burst = String::from("{\"execute\":\"qmp_capabilities\"}\n");
+    for i in 0..N {
+        burst.push_str(&format!("{{\"execute\":\"guest-ping\",\"id\":{i}}}\n"));
+    }
+    // One write, as a script piping a file into socat would do.
+    q.send(&burst);
+    assert_eq!(q.reply(), json!({"return": {}}));
+    for i in 0..N {
+        let r = q.reply();
+        assert_eq!(r["id"], i, "replies in order: {r}");
+        assert_eq!(r["error"]["desc"], "Guest agent is not connected", "{r}");
+    }
+    q.cmd(r#"{"execute":"quit"}"#);
+    assert_eq!(vm.wait_exit(LIMIT).0.code(), Some(0));
+}

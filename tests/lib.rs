@@ -422,6 +422,12 @@ impl Qmp {
         q
     }
 
+    /// Changes how long a read may block before the test fails (240 s by default,
+    /// for slow nested guests).
+    pub fn set_read_timeout(&self, limit: Duration) {
+        self.w.set_read_timeout(Some(limit)).expect("timeout");
+    }
+
     /// Reads one message; None at EOF.
     pub fn read(&mut self) -> Option<serde_json::Value> {
         let mut l = String::new();

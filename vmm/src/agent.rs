@@ -1,17 +1,22 @@
 //! Glue between the guest-agent port (virtio-console on the VMM thread) and the
-//! in-process agent proxy: queue notifications, bytes both ways, port open/close.
+//! in-process agent proxy: queue notifications, bytes both ways, port open/close,
+//! and the proxy's answers to QMP clients.
 
 use std::cell::RefCell;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
 use agent_proxy::AgentProxy;
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use serde_json::{json, Value};
+use event_manager::{
+    EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
+};
+use qmp::protocol::QmpError;
+use qmp::server::QmpServer;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::AgentPort;
-use crate::machine::AGENT_CHANNEL_ID;
+use crate::qmp_event::QmpEvent;
+use crate::runtime::Runtime;
 
 /// Watches the port's queue eventfds (KVM ioeventfds) and runs the device.
 pub struct AgentQueues {
@@ -54,21 +59,18 @@ impl MutEventSubscriber for AgentQueues {
     }
 }
 
-/// Moves bytes and open/close changes between the port and the proxy. Returns
-/// the VSERPORT_CHANGE events to emit, and updates `open`.
-pub fn exchange(port: &AgentPort, proxy: &Rc<RefCell<AgentProxy>>, open: &mut bool) -> Vec<Value> {
-    let mut events = Vec::new();
+/// Moves bytes and open/close changes between the port and the proxy; the
+/// guest's open/close become `VSERPORT_CHANGE` events. Returns whether anything
+/// moved.
+fn exchange(port: &AgentPort, proxy: &mut AgentProxy, open: &mut bool, rt: &mut Runtime) -> bool {
     let mut t = port.lock().unwrap_or_else(|e| e.into_inner());
-    let mut proxy = proxy.borrow_mut();
     let changes = t.device_mut().take_port_changes();
     let data = t.device_mut().take_from_guest();
+    let mut moved = !changes.is_empty() || !data.is_empty();
     for ch in changes {
         if ch != *open {
             *open = ch;
-            events.push(qmp::protocol::event(
-                "VSERPORT_CHANGE",
-                Some(json!({"id": AGENT_CHANNEL_ID, "open": ch})),
-            ));
+            rt.emit(QmpEvent::AgentPort { open: ch });
         }
         if ch {
             // Bytes read before the open belong to the previous session.
@@ -83,6 +85,7 @@ pub fn exchange(port: &AgentPort, proxy: &Rc<RefCell<AgentProxy>>, open: &mut bo
     }
     let out = proxy.take_to_guest();
     if !out.is_empty() {
+        moved = true;
         let sent = t.with_device(|c, ctx| c.send_to_guest(&out, ctx));
         match sent {
             Some(n) if n == out.len() => {}
@@ -93,5 +96,91 @@ pub fn exchange(port: &AgentPort, proxy: &Rc<RefCell<AgentProxy>>, open: &mut bo
             None => log::debug!("agent port not active: {} bytes dropped", out.len()),
         }
     }
-    events
+    moved
+}
+
+/// The VMM side of the guest-agent channel across VM rebuilds.
+pub struct AgentLink {
+    proxy: Rc<RefCell<AgentProxy>>,
+    proxy_id: SubscriberId,
+    /// The VM generation whose port is watched, and its queue subscriber.
+    attached: Option<(u64, SubscriberId)>,
+    /// Whether the guest has the port open.
+    open: bool,
+}
+
+impl AgentLink {
+    /// Registers the proxy (its socket and timer) with the event loop.
+    pub fn new(
+        em: &mut EventManager<Box<dyn MutEventSubscriber>>,
+        proxy: Rc<RefCell<AgentProxy>>,
+    ) -> Self {
+        let proxy_id = em.add_subscriber(Box::new(proxy.clone()));
+        Self {
+            proxy,
+            proxy_id,
+            attached: None,
+            open: false,
+        }
+    }
+
+    /// Follows the current VM's port (a rebuilt VM has a new one, and the guest
+    /// side of the old one is gone) and moves what is pending between the port
+    /// and the proxy. Returns whether anything happened.
+    pub fn round(
+        &mut self,
+        em: &mut EventManager<Box<dyn MutEventSubscriber>>,
+        rt: &mut Runtime,
+    ) -> bool {
+        let port = rt.agent_port();
+        let generation = port.as_ref().map(|(g, _)| *g);
+        let mut moved = false;
+        if generation != self.attached.map(|(g, _)| g) {
+            if let Some((_, id)) = self.attached.take() {
+                let _ = em.remove_subscriber(id);
+            }
+            if self.open {
+                self.open = false;
+                self.proxy.borrow_mut().port_state(false);
+                rt.emit(QmpEvent::AgentPort { open: false });
+                moved = true;
+            }
+            if let Some((g, p)) = &port {
+                match AgentQueues::new(p.clone()) {
+                    Ok(sub) => self.attached = Some((*g, em.add_subscriber(Box::new(sub)))),
+                    Err(e) => log::error!("guest agent port: {e}"),
+                }
+            }
+        }
+        if let Some((_, p)) = &port {
+            moved |= exchange(p, &mut self.proxy.borrow_mut(), &mut self.open, rt);
+        }
+        moved
+    }
+
+    /// Hands the proxy's finished QMP requests to the server; true if any.
+    pub fn complete_qmp(&self, server: &mut QmpServer) -> bool {
+        let replies = self.proxy.borrow_mut().take_qmp_replies();
+        let any = !replies.is_empty();
+        for (token, result) in replies {
+            // Keep the agent's error class where QMP has it (qemu-ga uses
+            // GenericError and CommandNotFound).
+            let result = result.map_err(|e| match e.class.as_str() {
+                "CommandNotFound" => QmpError::not_found(e.desc),
+                _ => QmpError::generic(e.desc),
+            });
+            if !server.complete(token, result) {
+                log::debug!("agent reply {token} had no waiting QMP client");
+            }
+        }
+        any
+    }
+
+    /// Writes pending client output and updates what the proxy watches.
+    pub fn flush(&self, em: &mut EventManager<Box<dyn MutEventSubscriber>>) {
+        match em.event_ops(self.proxy_id) {
+            Ok(mut ops) => self.proxy.borrow_mut().flush(&mut ops),
+            Err(e) => log::error!("agent proxy: {e:?}"),
+        }
+    }
 }

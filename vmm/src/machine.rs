@@ -1,20 +1,11 @@
-//! The VM's lifecycle as QMP sees it: run states, the transitions driven by the
-//! guest (power-off, reset, panic, failure) and by the host (QMP commands,
-//! signals), the events each transition emits, and the QMP command handler.
+//! The VM's lifecycle as a pure state machine: [`Machine::handle`] takes an
+//! [`Input`] (something the guest, a QMP client or the host did) and returns the
+//! [`Effect`]s to carry out, in order: events to emit, vcpus to pause or resume,
+//! the VM to rebuild, the process to end. It touches no KVM and no file
+//! descriptor, so every transition is a unit test; [`crate::runtime`] carries the
+//! effects out.
 
-use qmp::protocol::{event, version_info, ArgSpec, ArgType, CommandSpec, QmpError, Request};
-use qmp::server::Reply;
-use std::cell::RefCell;
-use std::rc::Rc;
-
-use agent_proxy::AgentProxy;
-
-/// Id of the guest-agent channel in `query-chardev` and `VSERPORT_CHANGE`.
-pub const AGENT_CHANNEL_ID: &str = "qga0";
-use serde_json::{json, Value};
-
-use crate::builder::{self, Backends, BuildError, Vm};
-use crate::config::{SerialBackend, VmConfig};
+use crate::qmp_event::{Cause, PanicAction, QmpEvent};
 
 /// QMP run states minivmm can be in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +20,7 @@ pub enum RunState {
     Shutdown,
     /// The guest panicked and `--no-shutdown` kept the process.
     GuestPanicked,
-    /// KVM failed and `--no-shutdown` kept the process.
+    /// The VM failed and `--no-shutdown` kept the process.
     InternalError,
 }
 
@@ -66,13 +57,13 @@ pub enum Outcome {
     Quit,
     /// QMP `quit`.
     QmpQuit,
-    /// `--timeout` expired.
+    /// `--timeout` expired after this many seconds.
     Timeout(u64),
     /// SIGINT/SIGTERM/SIGHUP.
     Signal(i32),
     /// The guest panicked.
     Panicked,
-    /// A vcpu failed.
+    /// The VM failed: a KVM error, a vcpu that died or stopped responding.
     Failed(String),
 }
 
@@ -110,560 +101,248 @@ fn signal_name(n: i32) -> String {
     }
 }
 
-/// Lifecycle requests from outside QMP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lifecycle {
-    /// Guest power-off.
-    PowerOff,
-    /// Guest reset.
-    Reset,
-    /// Guest panic.
-    Panic,
-    /// vcpu failure.
-    Failed,
-    /// Stop signal.
+/// Something that may change the VM's fate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// The guest powered off.
+    GuestPowerOff,
+    /// The guest asked for a reset.
+    GuestReset,
+    /// The guest reported a panic.
+    GuestPanic,
+    /// The VM failed (KVM error, a vcpu died or stopped responding); the text
+    /// says what happened.
+    VmFailed(String),
+    /// A stop signal arrived.
     Signal(i32),
     /// `--timeout` expired.
     Timeout,
-    /// Ctrl-A x.
+    /// Ctrl-A x on the console.
+    ConsoleQuit,
+    /// QMP `stop`.
+    Stop,
+    /// QMP `cont`.
+    Cont,
+    /// QMP `system_reset`.
+    SystemReset,
+    /// QMP `system_powerdown`.
+    SystemPowerdown,
+    /// QMP `quit`.
     Quit,
 }
 
-fn shutdown_event(guest: bool, reason: &str) -> Value {
-    event("SHUTDOWN", Some(json!({"guest": guest, "reason": reason})))
+/// Something to carry out, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Send an event to QMP clients (and tell the agent proxy).
+    Emit(QmpEvent),
+    /// Park every vcpu (pending I/O completed) and freeze the guest clock.
+    Pause,
+    /// Let the vcpus run again.
+    Resume,
+    /// Tear the VM down and build it afresh: running, or parked in prelaunch.
+    Rebuild {
+        /// Start the new vcpus.
+        run: bool,
+    },
+    /// Press the ACPI power button.
+    PressPowerButton,
+    /// Tell the user about a failure the process survives (`--no-shutdown`).
+    Report(String),
+    /// End the process.
+    Exit(Outcome),
 }
 
-/// The VM, its state, and what QMP may ask of it.
+/// Why a command was refused; the state did not change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// `cont` in a state only a reset leaves.
+    #[error("Resetting the Virtual Machine is required")]
+    ResetRequired,
+}
+
+/// The choices of the command line that decide transitions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Keep the process when the guest stops (`--no-shutdown`).
+    pub no_shutdown: bool,
+    /// Exit instead of rebooting (`--no-reboot`).
+    pub no_reboot: bool,
+    /// `--timeout`, seconds (for the outcome's message).
+    pub timeout: Option<u64>,
+}
+
+/// The lifecycle state. See the module documentation.
+#[derive(Debug)]
 pub struct Machine {
-    cfg: VmConfig,
-    backends: Backends,
-    vm: Option<Vm>,
     state: RunState,
-    /// Set when the process must end.
-    pub exit: Option<Outcome>,
-    /// A failure that leaves no VM to run (a rebuild that failed).
-    pub fatal: Option<BuildError>,
-    monitors: Vec<qmp::server::ChardevInfo>,
-    /// Names of the events emitted since the last [`Machine::take_event_names`].
-    event_names: Vec<String>,
-    /// The guest-agent proxy, for `guest-*` commands.
-    agent: Option<Rc<RefCell<AgentProxy>>>,
-    next_agent_token: u64,
-    /// Whether the guest has the agent port open (for `query-chardev`).
-    pub agent_open: bool,
+    policy: Policy,
+    /// Counts VM builds: 0 for the first, +1 per rebuild.
+    generation: u64,
+    /// Set once an [`Effect::Exit`] was returned; later inputs change nothing.
+    exiting: bool,
 }
 
 impl Machine {
-    fn emit(&mut self, events: &mut Vec<Value>, ev: Value) {
-        if let Some(n) = ev["event"].as_str() {
-            self.event_names.push(n.to_string());
+    /// A machine whose first VM runs, or waits in prelaunch when `paused`.
+    pub fn new(policy: Policy, paused: bool) -> Self {
+        Self {
+            state: if paused {
+                RunState::Prelaunch
+            } else {
+                RunState::Running
+            },
+            policy,
+            generation: 0,
+            exiting: false,
         }
-        events.push(ev);
     }
 
-    /// Names of the events emitted since the last call.
-    pub fn take_event_names(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.event_names)
-    }
-
-    /// Connects the guest-agent proxy.
-    pub fn set_agent(&mut self, agent: Rc<RefCell<AgentProxy>>) {
-        self.agent = Some(agent);
-    }
-
-    /// The current VM's guest-agent port, if any.
-    pub fn agent_port(&self) -> Option<builder::AgentPort> {
-        self.vm.as_ref().and_then(|v| v.agent_port().cloned())
-    }
-
-    /// Builds the VM; running, or parked in prelaunch with `--paused`.
-    pub fn start(
-        cfg: VmConfig,
-        backends: Backends,
-        monitors: Vec<qmp::server::ChardevInfo>,
-    ) -> Result<Self, BuildError> {
-        let vm = builder::build_vm(&cfg, &backends, cfg.paused)?;
-        let state = if cfg.paused {
-            RunState::Prelaunch
-        } else {
-            RunState::Running
-        };
-        Ok(Self {
-            cfg,
-            backends,
-            vm: Some(vm),
-            state,
-            exit: None,
-            fatal: None,
-            monitors,
-            event_names: Vec::new(),
-            agent: None,
-            next_agent_token: 0,
-            agent_open: false,
-        })
-    }
-
-    /// Current state.
+    /// Current run state.
     pub fn state(&self) -> RunState {
         self.state
     }
 
-    /// The host-side backends.
-    pub fn backends(&self) -> &Backends {
-        &self.backends
+    /// Which VM build is current: it changes exactly when an
+    /// [`Effect::Rebuild`] is returned, so holders of per-VM resources (the
+    /// agent port) can tell that the VM they knew is gone.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
-    /// Stops the vcpus and releases the VM.
-    pub fn teardown(&mut self) {
-        if let Some(vm) = self.vm.take() {
-            vm.stop();
-        }
-        self.backends.flush_serial();
+    /// Whether the process is ending.
+    pub fn is_exiting(&self) -> bool {
+        self.exiting
     }
 
-    fn pause_vcpus(&mut self) {
-        if let Some(vm) = self.vm.as_mut() {
-            vm.pause();
+    /// Applies `input`; returns what to do, in order.
+    pub fn handle(&mut self, input: Input) -> Result<Vec<Effect>, Refusal> {
+        use Effect::*;
+        if self.exiting {
+            log::debug!("ignoring {input:?}: the VMM is exiting");
+            return Ok(Vec::new());
         }
-    }
-
-    /// Stops a running VM into `to`, emitting STOP.
-    fn halt(&mut self, to: RunState, events: &mut Vec<Value>) {
-        if self.state == RunState::Running {
-            self.pause_vcpus();
-            self.emit(events, event("STOP", None));
-        } else {
-            // Prelaunch/paused vcpus are parked already.
-            self.pause_vcpus();
-        }
-        self.state = to;
-    }
-
-    /// QMP `stop`.
-    pub fn stop(&mut self, events: &mut Vec<Value>) {
-        if self.state == RunState::Running {
-            self.halt(RunState::Paused, events);
-        }
-    }
-
-    /// QMP `cont`.
-    pub fn cont(&mut self, events: &mut Vec<Value>) -> Result<(), QmpError> {
-        if self.state.needs_reset() {
-            return Err(QmpError::generic(
-                "Resetting the Virtual Machine is required",
-            ));
-        }
-        if self.state != RunState::Running {
-            if let Some(vm) = self.vm.as_mut() {
-                vm.resume();
-            }
-            self.state = RunState::Running;
-            self.emit(events, event("RESUME", None));
-        }
-        Ok(())
-    }
-
-    /// Rebuilds the VM from its config. A running VM runs again; a stopped one
-    /// comes back in prelaunch (as QEMU does).
-    pub fn reset(&mut self, guest: bool, events: &mut Vec<Value>) -> Result<(), BuildError> {
-        let reason = if guest {
-            "guest-reset"
-        } else {
-            "host-qmp-system-reset"
-        };
-        self.emit(
-            events,
-            event("RESET", Some(json!({"guest": guest, "reason": reason}))),
+        let guest_input = matches!(
+            input,
+            Input::GuestPowerOff | Input::GuestReset | Input::GuestPanic | Input::VmFailed(_)
         );
-        let run = self.state == RunState::Running;
-        if let Some(vm) = self.vm.take() {
-            vm.stop();
+        if guest_input && self.state.needs_reset() {
+            log::debug!("ignoring {input:?} in state {}", self.state.as_str());
+            return Ok(Vec::new());
         }
-        self.backends.events.drain();
-        log::info!("reset ({reason}): rebuilding the VM");
-        self.vm = Some(builder::build_vm(&self.cfg, &self.backends, !run)?);
+        let keep = self.policy.no_shutdown;
+        let fx = match input {
+            Input::GuestPowerOff => {
+                let mut fx = vec![Emit(QmpEvent::Shutdown(Cause::GuestShutdown))];
+                self.stop_or_exit(&mut fx, RunState::Shutdown, Outcome::PowerOff);
+                fx
+            }
+            Input::GuestReset if self.policy.no_reboot => {
+                let mut fx = vec![Emit(QmpEvent::Shutdown(Cause::GuestReset))];
+                self.stop_or_exit(&mut fx, RunState::Shutdown, Outcome::RebootRefused);
+                fx
+            }
+            Input::GuestReset => self.rebuild(Cause::GuestReset),
+            Input::GuestPanic if keep => {
+                let mut fx = vec![Emit(QmpEvent::GuestPanicked(PanicAction::Pause))];
+                self.park_into(&mut fx, RunState::GuestPanicked);
+                fx
+            }
+            Input::GuestPanic => {
+                let fx = vec![
+                    Emit(QmpEvent::GuestPanicked(PanicAction::Poweroff)),
+                    Emit(QmpEvent::Shutdown(Cause::GuestPanic)),
+                ];
+                self.exit(fx, Outcome::Panicked)
+            }
+            Input::VmFailed(what) if keep => {
+                let mut fx = vec![Report(what)];
+                self.park_into(&mut fx, RunState::InternalError);
+                fx
+            }
+            Input::VmFailed(what) => self.exit(Vec::new(), Outcome::Failed(what)),
+            Input::Signal(n) => self.exit(
+                vec![Emit(QmpEvent::Shutdown(Cause::HostSignal))],
+                Outcome::Signal(n),
+            ),
+            Input::Timeout => {
+                let secs = self.policy.timeout.unwrap_or(0);
+                self.exit(Vec::new(), Outcome::Timeout(secs))
+            }
+            Input::ConsoleQuit => {
+                self.exit(vec![Emit(QmpEvent::Shutdown(Cause::HostUi))], Outcome::Quit)
+            }
+            Input::Quit => self.exit(
+                vec![Emit(QmpEvent::Shutdown(Cause::HostQmpQuit))],
+                Outcome::QmpQuit,
+            ),
+            Input::Stop => {
+                let mut fx = Vec::new();
+                if self.state == RunState::Running {
+                    self.park_into(&mut fx, RunState::Paused);
+                }
+                fx
+            }
+            Input::Cont => {
+                if self.state.needs_reset() {
+                    return Err(Refusal::ResetRequired);
+                }
+                if self.state == RunState::Running {
+                    Vec::new()
+                } else {
+                    self.state = RunState::Running;
+                    vec![Resume, Emit(QmpEvent::Resume)]
+                }
+            }
+            Input::SystemReset => self.rebuild(Cause::HostQmpSystemReset),
+            Input::SystemPowerdown => vec![Emit(QmpEvent::Powerdown), PressPowerButton],
+        };
+        Ok(fx)
+    }
+
+    /// The guest stopped: kept in `state` with `--no-shutdown`, else the end.
+    fn stop_or_exit(&mut self, fx: &mut Vec<Effect>, state: RunState, outcome: Outcome) {
+        if self.policy.no_shutdown {
+            self.park_into(fx, state);
+        } else {
+            self.exiting = true;
+            fx.push(Effect::Exit(outcome));
+        }
+    }
+
+    /// Parks the vcpus (STOP if they were running) and enters `state`.
+    fn park_into(&mut self, fx: &mut Vec<Effect>, state: RunState) {
+        // Prelaunch or paused vcpus are parked already; pausing again is harmless
+        // and covers vcpus that stopped on their own (halted, failed).
+        fx.push(Effect::Pause);
+        if self.state == RunState::Running {
+            fx.push(Effect::Emit(QmpEvent::Stop));
+        }
+        self.state = state;
+    }
+
+    fn exit(&mut self, mut fx: Vec<Effect>, outcome: Outcome) -> Vec<Effect> {
+        self.exiting = true;
+        fx.push(Effect::Exit(outcome));
+        fx
+    }
+
+    /// A reset: a running VM runs again, a stopped one comes back in prelaunch
+    /// (as QEMU does).
+    fn rebuild(&mut self, cause: Cause) -> Vec<Effect> {
+        let run = self.state == RunState::Running;
         self.state = if run {
             RunState::Running
         } else {
             RunState::Prelaunch
         };
-        Ok(())
-    }
-
-    /// Handles a lifecycle request from the guest or the host.
-    pub fn on_request(&mut self, req: Lifecycle, events: &mut Vec<Value>) {
-        if self.exit.is_some() {
-            return;
-        }
-        let guest_stopped = self.state.needs_reset();
-        let no_shutdown = self.cfg.no_shutdown;
-        match req {
-            Lifecycle::PowerOff | Lifecycle::Reset | Lifecycle::Panic | Lifecycle::Failed
-                if guest_stopped =>
-            {
-                log::debug!("ignoring {req:?} in state {}", self.state.as_str());
-            }
-            Lifecycle::PowerOff => {
-                self.emit(events, shutdown_event(true, "guest-shutdown"));
-                if no_shutdown {
-                    self.halt(RunState::Shutdown, events);
-                } else {
-                    self.exit = Some(Outcome::PowerOff);
-                }
-            }
-            Lifecycle::Reset if self.cfg.no_reboot => {
-                self.emit(events, shutdown_event(true, "guest-reset"));
-                if no_shutdown {
-                    self.halt(RunState::Shutdown, events);
-                } else {
-                    self.exit = Some(Outcome::RebootRefused);
-                }
-            }
-            Lifecycle::Reset => {
-                if let Err(e) = self.reset(true, events) {
-                    self.fatal = Some(e);
-                }
-            }
-            Lifecycle::Panic => {
-                if no_shutdown {
-                    self.emit(
-                        events,
-                        event("GUEST_PANICKED", Some(json!({"action": "pause"}))),
-                    );
-                    self.halt(RunState::GuestPanicked, events);
-                } else {
-                    self.emit(
-                        events,
-                        event("GUEST_PANICKED", Some(json!({"action": "poweroff"}))),
-                    );
-                    self.emit(events, shutdown_event(true, "guest-panic"));
-                    self.exit = Some(Outcome::Panicked);
-                }
-            }
-            Lifecycle::Failed => {
-                let info = self
-                    .backends
-                    .events
-                    .error_info
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take()
-                    .unwrap_or_else(|| "unknown vcpu failure".into());
-                if no_shutdown {
-                    eprintln!("minivmm: error: the VM failed: {info}\r");
-                    self.halt(RunState::InternalError, events);
-                } else {
-                    self.exit = Some(Outcome::Failed(info));
-                }
-            }
-            Lifecycle::Signal(n) => {
-                self.emit(events, shutdown_event(false, "host-signal"));
-                self.exit = Some(Outcome::Signal(n));
-            }
-            Lifecycle::Timeout => self.exit = Some(Outcome::Timeout(self.cfg.timeout.unwrap_or(0))),
-            Lifecycle::Quit => {
-                self.emit(events, shutdown_event(false, "host-ui"));
-                self.exit = Some(Outcome::Quit);
-            }
-        }
-    }
-
-    fn serial_filename(&self) -> String {
-        match &self.cfg.serial {
-            SerialBackend::Stdio => "stdio".into(),
-            SerialBackend::File(p) => format!("file:{}", p.display()),
-            SerialBackend::None => "null".into(),
-        }
-    }
-
-    fn thread_ids(&self) -> Vec<i32> {
-        self.vm
-            .as_ref()
-            .map(|v| v.vcpu_thread_ids().to_vec())
-            .unwrap_or_default()
-    }
-}
-
-const NO_ARGS: &[ArgSpec] = &[];
-
-/// Every command minivmm answers besides `qmp_capabilities`.
-pub const COMMANDS: &[CommandSpec] = &[
-    CommandSpec {
-        name: "query-status",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "query-kvm",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "query-version",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "query-name",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "query-uuid",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "query-commands",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "query-chardev",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "query-cpus-fast",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "query-cpus",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "query-block",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "query-blockstats",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "query-mice",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "query-vnc",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "query-spice",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "query-migrate",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "stop",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "cont",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "system_reset",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "system_powerdown",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "quit",
-        args: NO_ARGS,
-    },
-    CommandSpec {
-        name: "cpu",
-        args: &[ArgSpec {
-            name: "index",
-            ty: ArgType::Int,
-            required: true,
-        }],
-    },
-];
-
-/// The greeting's and `query-version`'s version object.
-pub fn version() -> Value {
-    let n = |s: &str| s.parse::<u64>().unwrap_or(0);
-    version_info(
-        n(env!("CARGO_PKG_VERSION_MAJOR")),
-        n(env!("CARGO_PKG_VERSION_MINOR")),
-        n(env!("CARGO_PKG_VERSION_PATCH")),
-        concat!("minivmm ", env!("CARGO_PKG_VERSION")),
-    )
-}
-
-impl qmp::server::Handler for Machine {
-    fn commands(&self) -> &[CommandSpec] {
-        COMMANDS
-    }
-
-    fn passes_through(&self, name: &str) -> bool {
-        name.starts_with("guest-")
-    }
-
-    fn execute(&mut self, req: &Request, events: &mut Vec<Value>) -> Reply {
-        if req.name.starts_with("guest-") {
-            let Some(agent) = &self.agent else {
-                return Reply::Now(Err(QmpError::generic(
-                    "No guest agent channel: start minivmm with --agent unix:PATH",
-                )));
-            };
-            self.next_agent_token += 1;
-            let token = self.next_agent_token;
-            let mut cmd = serde_json::Map::new();
-            cmd.insert("execute".into(), json!(req.name));
-            if !req.args.is_empty() {
-                cmd.insert("arguments".into(), Value::Object(req.args.clone()));
-            }
-            agent.borrow_mut().submit_qmp(token, Value::Object(cmd));
-            return Reply::Later(token);
-        }
-        Reply::Now(self.execute_now(req, events))
-    }
-}
-
-impl Machine {
-    fn execute_now(&mut self, req: &Request, events: &mut Vec<Value>) -> Result<Value, QmpError> {
-        let ok = Ok(json!({}));
-        match req.name.as_str() {
-            "query-status" => Ok(json!({
-                "status": self.state.as_str(),
-                "singlestep": false,
-                "running": self.state == RunState::Running,
-            })),
-            "query-kvm" => Ok(json!({"enabled": true, "present": true})),
-            "query-version" => Ok(version()),
-            "query-name" => Ok(match &self.cfg.name {
-                Some(n) => json!({"name": n}),
-                None => json!({}),
-            }),
-            "query-uuid" => Ok(json!({
-                "UUID": self.cfg.uuid.as_deref().unwrap_or("00000000-0000-0000-0000-000000000000")
-            })),
-            "query-commands" => {
-                let mut names: Vec<Value> =
-                    COMMANDS.iter().map(|c| json!({"name": c.name})).collect();
-                names.push(json!({"name": "qmp_capabilities"}));
-                Ok(Value::Array(names))
-            }
-            "query-chardev" => {
-                let mut v = vec![json!({
-                    "frontend-open": true,
-                    "filename": self.serial_filename(),
-                    "label": "serial0",
-                })];
-                for m in &self.monitors {
-                    v.push(json!({"frontend-open": true, "filename": m.filename, "label": m.label}));
-                }
-                if let Some(filename) = self.agent.as_ref().and_then(|a| a.borrow().socket_filename()) {
-                    v.push(json!({
-                        "frontend-open": self.agent_open,
-                        "filename": filename,
-                        "label": AGENT_CHANNEL_ID,
-                    }));
-                }
-                Ok(Value::Array(v))
-            }
-            "query-cpus-fast" => Ok(Value::Array(
-                self.thread_ids()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, tid)| {
-                        json!({
-                            "thread-id": tid,
-                            "props": {"core-id": i, "thread-id": 0, "socket-id": 0},
-                            "qom-path": format!("/machine/unattached/device[{i}]"),
-                            "cpu-index": i,
-                            "target": "x86_64",
-                        })
-                    })
-                    .collect(),
-            )),
-            "query-cpus" => Ok(Value::Array(
-                self.thread_ids()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, tid)| {
-                        json!({"CPU": i, "current": i == 0, "halted": false, "thread_id": tid})
-                    })
-                    .collect(),
-            )),
-            "query-block" | "query-blockstats" | "query-mice" => Ok(json!([])),
-            "query-vnc" | "query-spice" => Ok(json!({"enabled": false})),
-            "query-migrate" => ok,
-            "cpu" => ok,
-            "stop" => {
-                self.stop(events);
-                ok
-            }
-            "cont" => self.cont(events).map(|_| json!({})),
-            "system_reset" => match self.reset(false, events) {
-                Ok(()) => ok,
-                Err(e) => {
-                    let msg = format!("reset failed: {e}");
-                    self.fatal = Some(e);
-                    Err(QmpError::generic(msg))
-                }
-            },
-            "system_powerdown" => {
-                self.emit(events, event("POWERDOWN", None));
-                if let Some(vm) = &self.vm {
-                    vm.press_power_button()
-                        .map_err(|e| QmpError::generic(format!("power button: {e}")))?;
-                }
-                ok
-            }
-            "quit" => {
-                self.emit(events, shutdown_event(false, "host-qmp-quit"));
-                self.exit = Some(Outcome::QmpQuit);
-                ok
-            }
-            other => Err(QmpError::not_found(format!(
-                "The command {other} has not been found"
-            ))),
-        }
+        self.generation += 1;
+        vec![
+            Effect::Emit(QmpEvent::Reset(cause)),
+            Effect::Rebuild { run },
+        ]
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exit_codes() {
-        assert_eq!(Outcome::PowerOff.exit_code(), 0);
-        assert_eq!(Outcome::RebootRefused.exit_code(), 0);
-        assert_eq!(Outcome::Quit.exit_code(), 0);
-        assert_eq!(Outcome::QmpQuit.exit_code(), 0);
-        assert_eq!(Outcome::Timeout(5).exit_code(), 124);
-        assert_eq!(Outcome::Signal(libc::SIGTERM).exit_code(), 143);
-        assert_eq!(Outcome::Signal(libc::SIGINT).exit_code(), 130);
-        assert_eq!(Outcome::Failed("x".into()).exit_code(), 1);
-        assert_eq!(Outcome::Panicked.exit_code(), 1);
-        assert!(Outcome::PowerOff.message().is_none());
-        assert!(Outcome::Signal(libc::SIGTERM)
-            .message()
-            .unwrap()
-            .contains("SIGTERM"));
-    }
-
-    #[test]
-    fn run_states() {
-        assert_eq!(RunState::GuestPanicked.as_str(), "guest-panicked");
-        assert!(RunState::Shutdown.needs_reset());
-        assert!(!RunState::Paused.needs_reset());
-        assert!(!RunState::Prelaunch.needs_reset());
-    }
-
-    #[test]
-    fn version_names_minivmm() {
-        let v = version();
-        assert!(v["package"].as_str().unwrap().starts_with("minivmm "));
-        assert!(v["qemu"]["major"].is_u64());
-    }
-
-    #[test]
-    fn command_table_is_unique() {
-        let mut names: Vec<&str> = COMMANDS.iter().map(|c| c.name).collect();
-        names.sort();
-        names.dedup();
-        assert_eq!(names.len(), COMMANDS.len());
-    }
-}
+mod tests;

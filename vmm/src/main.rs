@@ -29,17 +29,21 @@ fn main() -> ExitCode {
             ExitCode::from(outcome.exit_code() as u8)
         }
         Err(e) => {
-            let mut msg = format!("minivmm: error: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                let s_str = s.to_string();
-                if !msg.contains(&s_str) {
-                    msg.push_str(&format!(": {s_str}"));
-                }
-                source = s.source();
-            }
-            eprintln!("{msg}");
+            eprintln!("minivmm: error: {}", error_chain(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// `e` and its causes, each once: "top: cause: root cause". Each error's
+/// `Display` describes only its own level and leaves its `source()` to this.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
 }

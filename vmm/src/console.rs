@@ -1,0 +1,150 @@
+//! Console input: the VMM thread reads stdin only while COM1's receive FIFO has
+//! room (back-pressure), and interprets the Ctrl-A keys on a terminal.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use devices::serial::SerialDevice;
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::machine::Input;
+use crate::terminal::{self, EscapeCommand, EscapeParser};
+use crate::vmm::Inputs;
+
+/// Console input: stdin into COM1, with back-pressure and Ctrl-A escapes.
+pub struct ConsoleInput {
+    serial: Arc<Mutex<SerialDevice>>,
+    ready: EventFd,
+    pending: VecDeque<u8>,
+    escapes: Option<EscapeParser>,
+    stdin_watched: bool,
+    stdin_eof: bool,
+    inputs: Inputs,
+}
+
+/// Bytes of console input read at once (and so at most held back).
+const INPUT_CHUNK: usize = 256;
+
+impl ConsoleInput {
+    fn stdin_events() -> Events {
+        Events::new_raw(libc::STDIN_FILENO, EventSet::IN)
+    }
+
+    fn push_pending(&mut self) {
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        while !self.pending.is_empty() {
+            let (a, _) = self.pending.as_slices();
+            match serial.enqueue_input(a) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+                Err(e) => {
+                    log::warn!("console input dropped: {e}");
+                    self.pending.clear();
+                }
+            }
+        }
+    }
+
+    fn update_watch(&mut self, ops: &mut EventOps) {
+        let want = !self.stdin_eof && self.pending.is_empty();
+        if want != self.stdin_watched {
+            let r = if want {
+                ops.add(Self::stdin_events())
+            } else {
+                ops.remove(Self::stdin_events())
+            };
+            match r {
+                Ok(()) => self.stdin_watched = want,
+                Err(e) => {
+                    log::debug!("console input disabled (stdin cannot be polled): {e:?}");
+                    self.stdin_eof = true;
+                }
+            }
+        }
+    }
+
+    fn read_stdin(&mut self) {
+        let mut buf = [0u8; INPUT_CHUNK];
+        // SAFETY: `buf` is a writable buffer of its length.
+        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted && e.kind() != io::ErrorKind::WouldBlock {
+                log::warn!("console input: {e}; no more input");
+                self.stdin_eof = true;
+            }
+            return;
+        }
+        if n == 0 {
+            self.stdin_eof = true;
+            return;
+        }
+        let input = &buf[..n as usize];
+        match &mut self.escapes {
+            None => self.pending.extend(input),
+            Some(p) => {
+                let mut out = Vec::with_capacity(input.len());
+                for cmd in p.feed(input, &mut out) {
+                    match cmd {
+                        EscapeCommand::Help => {
+                            let _ = io::stderr().write_all(terminal::HELP.as_bytes());
+                        }
+                        EscapeCommand::Quit => {
+                            self.inputs.borrow_mut().push_back(Input::ConsoleQuit)
+                        }
+                    }
+                }
+                self.pending.extend(out);
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for ConsoleInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.ready, EventSet::IN)) {
+            log::error!("cannot watch console readiness: {e:?}");
+        }
+        self.update_watch(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.ready.as_raw_fd() {
+            let _ = self.ready.read();
+        } else if events
+            .event_set()
+            .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
+        {
+            self.read_stdin();
+        }
+        self.push_pending();
+        self.update_watch(ops);
+    }
+}
+
+impl ConsoleInput {
+    /// Console input into `serial`; `ready` fires when the guest drained its
+    /// FIFO; with `escapes`, Ctrl-A keys are interpreted (Ctrl-A x queues
+    /// [`Input::ConsoleQuit`] on `inputs`).
+    pub fn new(
+        serial: Arc<Mutex<SerialDevice>>,
+        ready: EventFd,
+        escapes: bool,
+        inputs: Inputs,
+    ) -> Self {
+        Self {
+            serial,
+            ready,
+            pending: VecDeque::new(),
+            escapes: escapes.then(EscapeParser::default),
+            stdin_watched: false,
+            stdin_eof: false,
+            inputs,
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The QMP events minivmm emits, as a type: what happened is decided by
+//! [`crate::machine::Machine`]; this module only names it and writes it in
+//! QEMU's wire shape (`{"timestamp": ..., "event": ..., "data": ...}`).
+
+use serde_json::{json, Value};
+
+/// Id of the guest-agent channel in `query-chardev` and `VSERPORT_CHANGE`.
+pub const AGENT_CHANNEL_ID: &str = "qga0";
+
+/// Why the guest stopped or was reset (QEMU's `ShutdownCause`, the members
+/// minivmm can report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The guest powered off (ACPI S5, KVM shutdown event).
+    GuestShutdown,
+    /// The guest rebooted.
+    GuestReset,
+    /// The guest panicked (pvpanic).
+    GuestPanic,
+    /// QMP `quit`.
+    HostQmpQuit,
+    /// QMP `system_reset`.
+    HostQmpSystemReset,
+    /// SIGINT, SIGTERM or SIGHUP.
+    HostSignal,
+    /// Ctrl-A x on the console.
+    HostUi,
+}
+
+impl Cause {
+    /// QEMU's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::GuestShutdown => "guest-shutdown",
+            Cause::GuestReset => "guest-reset",
+            Cause::GuestPanic => "guest-panic",
+            Cause::HostQmpQuit => "host-qmp-quit",
+            Cause::HostQmpSystemReset => "host-qmp-system-reset",
+            Cause::HostSignal => "host-signal",
+            Cause::HostUi => "host-ui",
+        }
+    }
+
+    /// Whether the guest caused it (the events' `guest` member).
+    pub fn by_guest(self) -> bool {
+        matches!(
+            self,
+            Cause::GuestShutdown | Cause::GuestReset | Cause::GuestPanic
+        )
+    }
+}
+
+/// What a panicked guest is left in (`GUEST_PANICKED`'s `action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PanicAction {
+    /// Kept, stopped (`--no-shutdown`).
+    Pause,
+    /// Powered off.
+    Poweroff,
+}
+
+/// An event for QMP clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QmpEvent {
+    /// `SHUTDOWN`: the VM stops running guest code for good (or until reset).
+    Shutdown(Cause),
+    /// `RESET`: the VM is rebuilt and boots again.
+    Reset(Cause),
+    /// `STOP`: the vcpus stopped.
+    Stop,
+    /// `RESUME`: the vcpus run again.
+    Resume,
+    /// `POWERDOWN`: the ACPI power button was pressed.
+    Powerdown,
+    /// `GUEST_PANICKED`.
+    GuestPanicked(PanicAction),
+    /// `VSERPORT_CHANGE` of the guest-agent port: the guest opened or closed it.
+    AgentPort {
+        /// Whether the port is open now.
+        open: bool,
+    },
+}
+
+impl QmpEvent {
+    /// The event's name on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            QmpEvent::Shutdown(_) => "SHUTDOWN",
+            QmpEvent::Reset(_) => "RESET",
+            QmpEvent::Stop => "STOP",
+            QmpEvent::Resume => "RESUME",
+            QmpEvent::Powerdown => "POWERDOWN",
+            QmpEvent::GuestPanicked(_) => "GUEST_PANICKED",
+            QmpEvent::AgentPort { .. } => "VSERPORT_CHANGE",
+        }
+    }
+
+    /// The `data` member, if the event has one.
+    pub fn data(self) -> Option<Value> {
+        match self {
+            QmpEvent::Shutdown(c) | QmpEvent::Reset(c) => {
+                Some(json!({"guest": c.by_guest(), "reason": c.as_str()}))
+            }
+            QmpEvent::GuestPanicked(a) => Some(json!({"action": match a {
+                PanicAction::Pause => "pause",
+                PanicAction::Poweroff => "poweroff",
+            }})),
+            QmpEvent::AgentPort { open } => Some(json!({"id": AGENT_CHANNEL_ID, "open": open})),
+            QmpEvent::Stop | QmpEvent::Resume | QmpEvent::Powerdown => None,
+        }
+    }
+
+    /// The event as sent, stamped with the current time.
+    pub fn to_value(self) -> Value {
+        qmp::protocol::event(self.name(), self.data())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_shapes() {
+        let v = QmpEvent::Shutdown(Cause::HostSignal).to_value();
+        assert_eq!(v["event"], "SHUTDOWN");
+        assert_eq!(v["data"], json!({"guest": false, "reason": "host-signal"}));
+        assert!(v["timestamp"]["seconds"].is_u64());
+        assert_eq!(
+            QmpEvent::Reset(Cause::GuestReset).data(),
+            Some(json!({"guest": true, "reason": "guest-reset"}))
+        );
+        assert_eq!(
+            QmpEvent::GuestPanicked(PanicAction::Pause).data(),
+            Some(json!({"action": "pause"}))
+        );
+        assert_eq!(
+            QmpEvent::AgentPort { open: true }.to_value()["data"],
+            json!({"id": "qga0", "open": true})
+        );
+        let stop = QmpEvent::Stop.to_value();
+        assert_eq!(stop["event"], "STOP");
+        assert!(stop.get("data").is_none());
+    }
+
+    #[test]
+    fn causes_say_who() {
+        for c in [Cause::GuestShutdown, Cause::GuestReset, Cause::GuestPanic] {
+            assert!(c.by_guest(), "{c:?}");
+            assert!(c.as_str().starts_with("guest-"));
+        }
+        for c in [
+            Cause::HostQmpQuit,
+            Cause::HostQmpSystemReset,
+            Cause::HostSignal,
+            Cause::HostUi,
+        ] {
+            assert!(!c.by_guest(), "{c:?}");
+            assert!(c.as_str().starts_with("host-"));
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Carries out what the [`Machine`] decides: the one place that holds the VM
+//! (its vcpus, devices and memory) and turns [`Effect`]s into pauses, rebuilds,
+//! button presses and the process's end. QMP commands arrive here too
+//! ([`commands`]); lifecycle commands become [`Input`]s like everything else.
+
+mod commands;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use agent_proxy::AgentProxy;
+use qmp::protocol::QmpError;
+use qmp::server::ChardevInfo;
+
+use crate::builder::{self, AgentPort, Backends as Persistent, BuildError, Vm};
+use crate::config::VmConfig;
+use crate::machine::{Effect, Input, Machine, Outcome, Policy, RunState};
+use crate::qmp_event::QmpEvent;
+
+pub use commands::{version, COMMANDS};
+
+/// The running VM and its lifecycle. See the module documentation.
+pub struct Runtime {
+    cfg: VmConfig,
+    persistent: Persistent,
+    /// The current VM; `None` only while it is being rebuilt or after a rebuild
+    /// failed.
+    vm: Option<Vm>,
+    machine: Machine,
+    /// QMP endpoints, for `query-chardev`.
+    monitors: Vec<ChardevInfo>,
+    /// The guest-agent proxy, for `guest-*` commands and VM events.
+    agent: Option<Rc<RefCell<AgentProxy>>>,
+    next_agent_token: u64,
+    /// Events emitted and not yet sent to QMP clients.
+    events: Vec<QmpEvent>,
+    outcome: Option<Outcome>,
+    /// A rebuild failed: there is no VM to run.
+    fatal: Option<BuildError>,
+}
+
+impl Runtime {
+    /// Builds the first VM: running, or parked in prelaunch with `--paused`.
+    pub fn start(
+        cfg: VmConfig,
+        persistent: Persistent,
+        monitors: Vec<ChardevInfo>,
+        agent: Option<Rc<RefCell<AgentProxy>>>,
+    ) -> Result<Self, BuildError> {
+        let vm = builder::build_vm(&cfg, &persistent, cfg.paused)?;
+        let policy = Policy {
+            no_shutdown: cfg.no_shutdown,
+            no_reboot: cfg.no_reboot,
+            timeout: cfg.timeout,
+        };
+        let machine = Machine::new(policy, cfg.paused);
+        Ok(Self {
+            cfg,
+            persistent,
+            vm: Some(vm),
+            machine,
+            monitors,
+            agent,
+            next_agent_token: 0,
+            events: Vec::new(),
+            outcome: None,
+            fatal: None,
+        })
+    }
+
+    /// Current run state.
+    pub fn state(&self) -> RunState {
+        self.machine.state()
+    }
+
+    /// Feeds `input` to the machine and carries out its effects. An error is
+    /// for the QMP client that asked (a refused `cont`, a failed reset).
+    pub fn input(&mut self, input: Input) -> Result<(), QmpError> {
+        log::debug!("input {input:?} in state {}", self.state().as_str());
+        let effects = self
+            .machine
+            .handle(input)
+            .map_err(|r| QmpError::generic(r.to_string()))?;
+        let mut result = Ok(());
+        for effect in effects {
+            if let Err(e) = self.apply(effect) {
+                result = result.and(Err(e));
+            }
+        }
+        result
+    }
+
+    fn apply(&mut self, effect: Effect) -> Result<(), QmpError> {
+        match effect {
+            Effect::Emit(ev) => self.emit(ev),
+            Effect::Pause => {
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.pause();
+                }
+            }
+            Effect::Resume => {
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.resume();
+                }
+            }
+            Effect::Rebuild { run } => return self.rebuild(run),
+            Effect::PressPowerButton => {
+                if let Some(vm) = &self.vm {
+                    vm.press_power_button()
+                        .map_err(|e| QmpError::generic(format!("power button: {e}")))?;
+                }
+            }
+            Effect::Report(what) => eprintln!("minivmm: error: the VM failed: {what}\r"),
+            Effect::Exit(outcome) => self.outcome = Some(outcome),
+        }
+        Ok(())
+    }
+
+    fn rebuild(&mut self, run: bool) -> Result<(), QmpError> {
+        // The old VM's vcpus stop and its memory goes before the new one exists.
+        drop(self.vm.take());
+        self.persistent.events.drain();
+        log::info!(
+            "rebuilding the VM (generation {})",
+            self.machine.generation()
+        );
+        match builder::build_vm(&self.cfg, &self.persistent, !run) {
+            Ok(vm) => {
+                self.vm = Some(vm);
+                Ok(())
+            }
+            Err(e) => {
+                let msg = format!("reset failed: {e}");
+                self.fatal = Some(e);
+                Err(QmpError::generic(msg))
+            }
+        }
+    }
+
+    /// Queues an event for QMP clients; VM events also complete the guest-agent
+    /// commands that have no success reply (`guest-shutdown`, ...).
+    pub fn emit(&mut self, ev: QmpEvent) {
+        if matches!(ev, QmpEvent::Shutdown(_) | QmpEvent::Reset(_)) {
+            if let Some(agent) = &self.agent {
+                agent.borrow_mut().vm_event(ev.name());
+            }
+        }
+        self.events.push(ev);
+    }
+
+    /// Events emitted since the last call, oldest first.
+    pub fn take_events(&mut self) -> Vec<QmpEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Whether the process must end now.
+    pub fn finished(&self) -> bool {
+        self.outcome.is_some() || self.fatal.is_some()
+    }
+
+    /// The current VM's guest-agent port, with the VM's generation (a new
+    /// generation means a new port).
+    pub fn agent_port(&self) -> Option<(u64, AgentPort)> {
+        let port = self.vm.as_ref()?.agent_port()?.clone();
+        Some((self.machine.generation(), port))
+    }
+
+    /// Stops the vcpus, releases the VM, flushes the console; says how it ended.
+    pub fn finish(mut self) -> Result<Outcome, BuildError> {
+        drop(self.vm.take());
+        self.persistent.flush_serial();
+        match (self.fatal, self.outcome) {
+            (Some(e), _) => Err(e),
+            (None, Some(o)) => Ok(o),
+            // The event loop only ends once the machine decided; never reached.
+            (None, None) => Ok(Outcome::Failed("the VMM stopped unexpectedly".into())),
+        }
+    }
+}
