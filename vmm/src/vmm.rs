@@ -325,3 +325,55 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
     drop(raw);
     Ok(result?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Cli;
+    use clap::Parser;
+    use minivmm_tests::{code_print, kvm_available, tiny_guest, CODE_SPIN};
+
+    /// A runtime for a tiny spinning guest, with neither QMP nor agent.
+    fn tiny_runtime(test: &str) -> Option<Runtime> {
+        if !kvm_available(test) {
+            return None;
+        }
+        let kernel = tiny_guest(test, &[&code_print(b"boot\n"), &CODE_SPIN]);
+        let cli = Cli::try_parse_from(["minivmm", "--kernel", &kernel, "--serial", "none"])
+            .expect("valid command line");
+        let cfg = VmConfig::from(cli);
+        vcpu::install_kick_handler().expect("kick handler");
+        let persistent = Persistent::new(&cfg).expect("KVM");
+        Some(Runtime::start(cfg, persistent, Vec::new(), None).expect("VM"))
+    }
+
+    /// Regression: with no QMP client to send them to and no agent, the events of
+    /// stop/cont and reset loops were also recorded in a list that only the agent
+    /// side ever emptied, so it grew forever. Whatever is configured, one round of
+    /// the loop leaves nothing queued.
+    #[test]
+    fn events_never_pile_up_without_qmp_or_agent() {
+        let Some(mut rt) = tiny_runtime("events-never-pile-up") else {
+            return;
+        };
+        let mut em = EventManager::<Box<dyn MutEventSubscriber>>::new().expect("epoll");
+        let mut io = Io {
+            inputs: Rc::new(RefCell::new(VecDeque::new())),
+            qmp: None,
+            agent: None,
+        };
+        for round in 0..20 {
+            let inputs = [Input::Stop, Input::Cont, Input::SystemReset];
+            io.inputs.borrow_mut().extend(inputs);
+            io.settle(&mut em, &mut rt);
+            assert_eq!(rt.pending_events(), 0, "round {round}");
+            assert!(io.inputs.borrow().is_empty());
+            assert_eq!(rt.state().as_str(), "running");
+        }
+        assert!(!rt.finished());
+        io.inputs.borrow_mut().push_back(Input::Quit);
+        io.settle(&mut em, &mut rt);
+        assert_eq!(rt.pending_events(), 0);
+        assert_eq!(rt.finish().ok(), Some(Outcome::QmpQuit));
+    }
+}

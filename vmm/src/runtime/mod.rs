@@ -153,6 +153,12 @@ impl Runtime {
         std::mem::take(&mut self.events)
     }
 
+    /// Number of events emitted and not yet taken.
+    #[cfg(test)]
+    pub fn pending_events(&self) -> usize {
+        self.events.len()
+    }
+
     /// Whether the process must end now.
     pub fn finished(&self) -> bool {
         self.outcome.is_some() || self.fatal.is_some()
