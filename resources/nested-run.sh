@@ -7,7 +7,7 @@
 # Otherwise an L1 VM (QEMU/TCG, emulated EPYC CPU with svm+npt, Debian generic
 # kernel, kvm-amd loaded) is booted, the host root filesystem is shared into it
 # read-only over virtio-9p, and CMD runs there (chroot'ed into the host root,
-# in the caller's cwd, with MINIVMM_NESTED=1). L1's console is streamed to
+# in the caller's cwd). L1's console is streamed to
 # stdout; the runner exits with CMD's exit status, or 125 if L1 failed.
 #
 # Inside L1 only these are writable: /tmp, /run, /dev/shm (tmpfs, empty), the
@@ -144,7 +144,6 @@ fi
             printf 'export %s=%q\n' "$name" "${!name}"
         fi
     done < <(compgen -e)
-    printf 'export MINIVMM_NESTED=1\n'
     printf 'cd -- %q || { echo "nested-run: cannot cd to %q in L1" >&2; exit %d; }\n' "$cwd" "$cwd" "$EXIT_FAIL"
     printf 'exec'
     printf ' %q' "$@"
