@@ -29,7 +29,7 @@ fi
 
 echo "run-tests: no hardware virtualization here: real-guest tests run nested, the rest directly"
 cargo test --workspace --exclude minivmm-tests
-cargo test -p minivmm-tests --lib --test cli --test lifecycle --test qmp --test agent
+cargo test -p minivmm-tests --lib --test cli --test lifecycle --test qmp --test qmp_lifecycle --test agent
 
 real_guest=$(cargo test -p minivmm-tests --test real_guest --no-run --message-format=json 2>/dev/null |
     sed -n 's/.*"executable":"\([^"]*real_guest[^"]*\)".*/\1/p' | tail -n 1)

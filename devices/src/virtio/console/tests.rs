@@ -1,0 +1,284 @@
+//! The console device against virtio-queue's mock queues.
+use super::*;
+use crate::virtio::Interrupt;
+use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const BUF_BASE: u64 = 0x10_0000;
+
+/// Plays the guest driver with virtio-queue's mock split queues.
+struct Guest<'a> {
+    mem: &'a GuestMemoryMmap,
+    mocks: Vec<MockSplitQueue<'a, GuestMemoryMmap>>,
+    queues: Vec<Queue>,
+    interrupt: Interrupt,
+    next_desc: Vec<u16>,
+    used_seen: Vec<u16>,
+    next_buf: u64,
+}
+
+impl<'a> Guest<'a> {
+    fn new(mem: &'a GuestMemoryMmap) -> Self {
+        let mocks: Vec<_> = (0..6)
+            .map(|i| MockSplitQueue::create(mem, GuestAddress(0x1_0000 * (i + 1)), 16))
+            .collect();
+        let queues = mocks
+            .iter()
+            .map(|m| m.create_queue::<Queue>().unwrap())
+            .collect();
+        Guest {
+            mem,
+            mocks,
+            queues,
+            interrupt: Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+            next_desc: vec![0; 6],
+            used_seen: vec![0; 6],
+            next_buf: BUF_BASE,
+        }
+    }
+
+    fn ctx(&mut self) -> QueueContext<'_> {
+        QueueContext {
+            mem: self.mem,
+            queues: &mut self.queues,
+            interrupt: &self.interrupt,
+        }
+    }
+
+    fn alloc(&mut self, len: u32) -> u64 {
+        let a = self.next_buf;
+        self.next_buf += u64::from(len.max(1)).next_multiple_of(64);
+        a
+    }
+
+    fn add(&mut self, q: usize, addr: u64, len: u32, write: bool) {
+        let flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+        let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0));
+        let at = self.next_desc[q];
+        self.mocks[q].add_desc_chains(&[d], at).unwrap();
+        self.next_desc[q] += 1;
+    }
+
+    /// Offers a writable buffer of `len` bytes on queue `q`; returns its address.
+    fn offer(&mut self, q: usize, len: u32) -> u64 {
+        let a = self.alloc(len);
+        self.add(q, a, len, true);
+        a
+    }
+
+    /// Sends `data` on queue `q` (a readable buffer).
+    fn send(&mut self, q: usize, data: &[u8]) {
+        let a = self.alloc(data.len() as u32);
+        self.mem.write_slice(data, GuestAddress(a)).unwrap();
+        self.add(q, a, data.len() as u32, false);
+    }
+
+    /// New used entries on queue `q`: (descriptor id, length).
+    fn used(&mut self, q: usize) -> Vec<(u32, u32)> {
+        let idx = self.mocks[q].used().idx().load();
+        let mut out = vec![];
+        while self.used_seen[q] != idx {
+            let e = self.mocks[q]
+                .used()
+                .ring()
+                .ref_at(self.used_seen[q] as usize % 16)
+                .unwrap()
+                .load();
+            out.push((e.id(), e.len()));
+            self.used_seen[q] = self.used_seen[q].wrapping_add(1);
+        }
+        out
+    }
+
+    fn read(&self, addr: u64, len: u32) -> Vec<u8> {
+        let mut v = vec![0u8; len as usize];
+        self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+}
+
+fn mem() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
+}
+
+/// Runs the Linux handshake; returns the console with port 1 open.
+fn handshake(g: &mut Guest) -> Console {
+    let mut c = Console::default();
+    c.activate(VIRTIO_CONSOLE_F_MULTIPORT, &mut g.ctx())
+        .unwrap();
+    let ctl: Vec<u64> = (0..4).map(|_| g.offer(CTRL_RX, 64)).collect();
+    g.send(CTRL_TX, &control(0xffff_ffff, event::DEVICE_READY, 1));
+    c.process_queue(CTRL_TX, &mut g.ctx()).unwrap();
+    assert_eq!(g.used(CTRL_TX).len(), 1, "control message consumed");
+    let used = g.used(CTRL_RX);
+    assert_eq!(used, vec![(0, 8)]);
+    assert_eq!(g.read(ctl[0], 8), control(1, event::PORT_ADD, 0));
+    g.send(CTRL_TX, &control(1, event::PORT_READY, 1));
+    c.process_queue(CTRL_TX, &mut g.ctx()).unwrap();
+    let used = g.used(CTRL_RX);
+    assert_eq!(used.len(), 2);
+    let mut name = control(1, event::PORT_NAME, 1);
+    name.extend_from_slice(AGENT_PORT_NAME.as_bytes());
+    assert_eq!(used[0].1 as usize, name.len());
+    assert_eq!(g.read(ctl[1], name.len() as u32), name);
+    assert_eq!(
+        g.read(ctl[2], 8),
+        control(1, event::PORT_OPEN, 1),
+        "host side open"
+    );
+    assert!(!c.guest_open());
+    g.send(CTRL_TX, &control(1, event::PORT_OPEN, 1));
+    c.process_queue(CTRL_TX, &mut g.ctx()).unwrap();
+    assert!(c.guest_open());
+    assert_eq!(c.take_port_changes(), vec![true]);
+    assert_ne!(g.interrupt.status() & INT_VRING, 0);
+    c
+}
+
+#[test]
+fn config_space_advertises_two_ports_and_features() {
+    let c = Console::default();
+    let mut b = [0u8; 4];
+    c.read_config(4, &mut b);
+    assert_eq!(u32::from_le_bytes(b), 2);
+    assert_eq!(c.features() & 1, 0, "no VIRTIO_CONSOLE_F_SIZE");
+    assert_ne!(c.features() & VIRTIO_CONSOLE_F_MULTIPORT, 0);
+    assert_eq!(c.queue_max_sizes().len(), 6);
+    let mut far = [0xffu8; 2];
+    c.read_config(100, &mut far);
+    assert_eq!(far, [0, 0]);
+}
+
+#[test]
+fn handshake_then_data_both_ways() {
+    let m = mem();
+    let mut g = Guest::new(&m);
+    let mut c = handshake(&mut g);
+    // Host → guest.
+    let rx = g.offer(RX1, 64);
+    assert_eq!(
+        c.send_to_guest(b"{\"return\": {}}\n", &mut g.ctx())
+            .unwrap(),
+        15
+    );
+    assert_eq!(g.used(RX1), vec![(0, 15)]);
+    assert_eq!(g.read(rx, 15), b"{\"return\": {}}\n");
+    // Guest → host.
+    g.send(TX1, b"{\"execute\":\"guest-ping\"}\n");
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert_eq!(c.take_from_guest(), b"{\"execute\":\"guest-ping\"}\n");
+    assert_eq!(g.used(TX1).len(), 1);
+    assert!(c.take_from_guest().is_empty());
+}
+
+#[test]
+fn data_waits_while_the_guest_has_the_port_closed() {
+    let m = mem();
+    let mut g = Guest::new(&m);
+    let mut c = handshake(&mut g);
+    g.send(CTRL_TX, &control(1, event::PORT_OPEN, 0));
+    c.process_queue(CTRL_TX, &mut g.ctx()).unwrap();
+    assert_eq!(c.take_port_changes(), vec![false]);
+    let rx = g.offer(RX1, 64);
+    c.send_to_guest(b"held", &mut g.ctx()).unwrap();
+    assert!(g.used(RX1).is_empty(), "nothing delivered while closed");
+    assert_eq!(c.pending_to_guest(), 4);
+    g.send(CTRL_TX, &control(1, event::PORT_OPEN, 1));
+    c.process_queue(CTRL_TX, &mut g.ctx()).unwrap();
+    assert_eq!(g.used(RX1), vec![(0, 4)]);
+    assert_eq!(g.read(rx, 4), b"held");
+}
+
+#[test]
+fn data_larger_than_buffers_is_split_and_waits_for_buffers() {
+    let m = mem();
+    let mut g = Guest::new(&m);
+    let mut c = handshake(&mut g);
+    c.send_to_guest(b"0123456789", &mut g.ctx()).unwrap();
+    assert_eq!(c.pending_to_guest(), 10, "no buffer yet");
+    let a = g.offer(RX1, 4);
+    let b = g.offer(RX1, 4);
+    c.process_queue(RX1, &mut g.ctx()).unwrap();
+    assert_eq!(g.used(RX1), vec![(0, 4), (1, 4)]);
+    assert_eq!(g.read(a, 4), b"0123");
+    assert_eq!(g.read(b, 4), b"4567");
+    assert_eq!(c.pending_to_guest(), 2);
+}
+
+#[test]
+fn control_messages_wait_for_control_buffers() {
+    let m = mem();
+    let mut g = Guest::new(&m);
+    let mut c = Console::default();
+    g.send(CTRL_TX, &control(0, event::DEVICE_READY, 1));
+    c.process_queue(CTRL_TX, &mut g.ctx()).unwrap();
+    assert!(g.used(CTRL_RX).is_empty());
+    let buf = g.offer(CTRL_RX, 64);
+    c.process_queue(CTRL_RX, &mut g.ctx()).unwrap();
+    assert_eq!(g.used(CTRL_RX), vec![(0, 8)]);
+    assert_eq!(g.read(buf, 8), control(1, event::PORT_ADD, 0));
+}
+
+#[test]
+fn misbehaving_guest_never_panics() {
+    let m = mem();
+    let mut g = Guest::new(&m);
+    let mut c = handshake(&mut g);
+    // Control messages for unknown ports, short messages, host-only events.
+    g.send(CTRL_TX, &control(7, event::PORT_OPEN, 1));
+    g.send(CTRL_TX, &[1, 2, 3]);
+    g.send(CTRL_TX, &control(1, event::PORT_NAME, 1));
+    g.send(CTRL_TX, &control(1, 99, 1));
+    c.process_queue(CTRL_TX, &mut g.ctx()).unwrap();
+    assert!(c.guest_open(), "port 1 unaffected");
+    // A zero-length receive buffer is returned empty.
+    g.offer(RX1, 0);
+    let rx = g.offer(RX1, 8);
+    c.send_to_guest(b"abc", &mut g.ctx()).unwrap();
+    assert_eq!(g.used(RX1), vec![(0, 0), (1, 3)]);
+    assert_eq!(g.read(rx, 3), b"abc");
+    // Data on the never-added port 0 is discarded.
+    g.send(TX0, b"junk");
+    c.process_queue(TX0, &mut g.ctx()).unwrap();
+    assert!(c.take_from_guest().is_empty());
+    // A descriptor outside guest memory fails the device instead of panicking.
+    g.add(TX1, 0x1_0000_0000, 16, false);
+    assert!(c.process_queue(TX1, &mut g.ctx()).is_err());
+}
+
+#[test]
+fn oversized_guest_buffer_fails_the_device() {
+    let m = mem();
+    let mut g = Guest::new(&m);
+    let mut c = handshake(&mut g);
+    g.add(CTRL_TX, BUF_BASE, 1 << 20, false);
+    assert!(c.process_queue(CTRL_TX, &mut g.ctx()).is_err());
+}
+
+#[test]
+fn host_to_guest_data_is_bounded() {
+    let m = mem();
+    let mut g = Guest::new(&m);
+    let mut c = handshake(&mut g);
+    let big = vec![b'x'; MAX_PENDING_TO_GUEST + 100];
+    assert_eq!(
+        c.send_to_guest(&big, &mut g.ctx()).unwrap(),
+        MAX_PENDING_TO_GUEST
+    );
+    assert_eq!(c.send_to_guest(b"more", &mut g.ctx()).unwrap(), 0);
+    c.discard_to_guest();
+    assert_eq!(c.pending_to_guest(), 0);
+}
+
+#[test]
+fn reset_forgets_the_port_and_reports_it_closed() {
+    let m = mem();
+    let mut g = Guest::new(&m);
+    let mut c = handshake(&mut g);
+    c.reset();
+    assert!(!c.guest_open());
+    assert_eq!(c.take_port_changes(), vec![false]);
+}
