@@ -32,7 +32,7 @@ use crate::config::{SerialBackend, VmConfig};
 use crate::cpu::{self, CpuError};
 use crate::layout::{KVM_TSS_ADDR, VIRTIO_MMIO_BASE, VIRTIO_MMIO_GSI};
 use crate::memory::{self, MemoryError};
-use crate::vcpu::{VcpuEvents, Vcpus};
+use crate::vcpu::{VcpuError, VcpuEvents, Vcpus};
 
 /// Errors building a VM.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +89,9 @@ pub enum BuildError {
     /// Other host I/O (eventfds, threads).
     #[error("host I/O: {0}")]
     Io(#[from] io::Error),
+    /// vcpu threads.
+    #[error(transparent)]
+    Vcpus(#[from] VcpuError),
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> BuildError {
@@ -263,9 +266,12 @@ impl Vm {
         self.vcpus.thread_ids()
     }
 
-    /// Parks every vcpu (pending I/O completed) and freezes the guest clock.
+    /// Parks every vcpu (pending I/O completed) and freezes the guest clock. A
+    /// vcpu that does not park in time is logged; it parks once it can.
     pub fn pause(&mut self) {
-        self.vcpus.pause();
+        if let Err(e) = self.vcpus.pause() {
+            log::error!("{e}");
+        }
         if self.clock.is_none() {
             match self.vm_fd.get_clock() {
                 Ok(c) => self.clock = Some(c),
@@ -298,7 +304,7 @@ impl Vm {
     }
 }
 
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), BuildError> {
+pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), BuildError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
