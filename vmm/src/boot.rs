@@ -29,7 +29,7 @@ const PAGE_SIZE: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// Kernel file cannot be opened or read.
-    #[error("cannot read kernel {path}: {source}")]
+    #[error("cannot read kernel {path}")]
     KernelFile {
         /// Path given.
         path: PathBuf,
@@ -38,7 +38,7 @@ pub enum BootError {
         source: std::io::Error,
     },
     /// Initrd cannot be opened or read.
-    #[error("cannot read initrd {path}: {source}")]
+    #[error("cannot read initrd {path}")]
     InitrdFile {
         /// Path given.
         path: PathBuf,
@@ -50,7 +50,7 @@ pub enum BootError {
     #[error("{0} is not a Linux kernel image (expected a bzImage or an ELF vmlinux)")]
     NotAKernel(PathBuf),
     /// linux-loader refused the image.
-    #[error("cannot load kernel {path}: {source}")]
+    #[error("cannot load kernel {path}")]
     Load {
         /// Path given.
         path: PathBuf,
@@ -69,10 +69,19 @@ pub enum BootError {
         limit: u64,
     },
     /// Command line too long or invalid.
-    #[error("invalid kernel command line: {0}")]
-    Cmdline(String),
+    #[error("invalid kernel command line (at most {max} bytes of printable ASCII)")]
+    Cmdline {
+        /// Longest command line the kernel accepts.
+        max: usize,
+        /// What linux-loader said.
+        #[source]
+        source: linux_loader::cmdline::Error,
+    },
+    /// The command line could not be written to guest memory.
+    #[error("cannot write the kernel command line to guest memory")]
+    WriteCmdline(#[source] loader::Error),
     /// Writing to guest memory failed.
-    #[error("cannot write {what} to guest memory: {source}")]
+    #[error("cannot write {what} to guest memory")]
     GuestMemory {
         /// What was being written.
         what: &'static str,
@@ -81,8 +90,8 @@ pub enum BootError {
         source: vm_memory::GuestMemoryError,
     },
     /// Writing the zero page failed.
-    #[error("cannot write boot parameters: {0}")]
-    BootParams(String),
+    #[error("cannot write boot parameters")]
+    BootParams(#[source] linux_loader::configurator::Error),
 }
 
 /// Kernel image formats minivmm boots.
@@ -110,8 +119,6 @@ pub struct LoadedKernel {
     pub entry: GuestAddress,
     /// First address after the kernel image.
     pub end: u64,
-    /// Format loaded.
-    pub format: KernelFormat,
     /// bzImage setup header, if any.
     pub setup_header: Option<setup_header>,
 }
@@ -138,7 +145,6 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
             Ok(LoadedKernel {
                 entry: r.kernel_load,
                 end: r.kernel_end,
-                format,
                 setup_header: None,
             })
         }
@@ -147,7 +153,6 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
             Ok(LoadedKernel {
                 entry: GuestAddress(r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET),
                 end: r.kernel_end,
-                format,
                 setup_header: r.setup_header,
             })
         }
@@ -224,13 +229,15 @@ pub fn load_cmdline(
         .map(|h| h.cmdline_size as usize + 1)
         .filter(|c| *c > 1)
         .unwrap_or(CMDLINE_MAX_SIZE);
-    let mut cl = Cmdline::new(capacity).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let invalid = |source| BootError::Cmdline {
+        max: capacity - 1,
+        source,
+    };
+    let mut cl = Cmdline::new(capacity).map_err(invalid)?;
     if !cmdline.is_empty() {
-        cl.insert_str(cmdline)
-            .map_err(|e| BootError::Cmdline(format!("{e} (at most {} bytes)", capacity - 1)))?;
+        cl.insert_str(cmdline).map_err(invalid)?;
     }
-    loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cl)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cl).map_err(BootError::WriteCmdline)?;
     Ok(cmdline.len())
 }
 
@@ -321,7 +328,7 @@ pub fn write_boot_params(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<(), B
         &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START)),
         mem,
     )
-    .map_err(|e| BootError::BootParams(e.to_string()))
+    .map_err(BootError::BootParams)
 }
 
 #[cfg(test)]
@@ -332,7 +339,6 @@ mod tests {
         LoadedKernel {
             entry: GuestAddress(0x100_0000),
             end: 0x300_0000,
-            format: KernelFormat::Elf,
             setup_header: None,
         }
     }
@@ -458,7 +464,6 @@ mod tests {
         let info = BootInfo {
             kernel: LoadedKernel {
                 setup_header: Some(hdr),
-                format: KernelFormat::BzImage,
                 ..elf_kernel()
             },
             cmdline_len: 0,
@@ -479,7 +484,7 @@ mod tests {
         let long = "x".repeat(CMDLINE_MAX_SIZE + 10);
         assert!(matches!(
             load_cmdline(&mem, &long, &elf_kernel()),
-            Err(BootError::Cmdline(_))
+            Err(BootError::Cmdline { .. })
         ));
         assert_eq!(
             load_cmdline(&mem, "console=ttyS0", &elf_kernel()).unwrap(),
