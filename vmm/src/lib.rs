@@ -11,6 +11,7 @@ pub mod builder;
 pub mod cli;
 pub mod config;
 pub mod cpu;
+pub mod device_manager;
 pub mod layout;
 pub mod machine;
 pub mod memory;
