@@ -2,7 +2,8 @@
 //! FADT (sleep control/status and reset registers), MADT and DSDT.
 //!
 //! The DSDT is assembled from the AML each device contributes (see
-//! [`devices::Aml`]), so new devices add themselves without changes here.
+//! [`devices::Aml`]), in the order [`crate::device_manager`] registered them, so
+//! new devices add themselves without changes here.
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -19,7 +20,9 @@ use zerocopy::{Immutable, IntoBytes};
 
 use crate::layout::{ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
 
+/// OEM id of every table (six bytes, so "MINIVMM" loses an I).
 const OEM_ID: [u8; 6] = *b"MINVMM";
+/// OEM table id of every table.
 const OEM_TABLE_ID: [u8; 8] = *b"MINIVMM ";
 const OEM_REVISION: u32 = 1;
 
@@ -30,7 +33,7 @@ pub enum AcpiError {
     #[error("ACPI tables need {0} bytes, more than the reserved area holds")]
     TooLarge(u64),
     /// Writing guest memory failed.
-    #[error("cannot write ACPI tables: {0}")]
+    #[error("cannot write ACPI tables")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
 }
 
@@ -141,7 +144,7 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
     b.reset_value = RESET_VALUE;
     b.sleep_control_reg = io_gas(SLEEP_CONTROL_PORT);
     b.sleep_status_reg = io_gas(SLEEP_STATUS_PORT);
-    // "VMMMINI\0": identifies the hypervisor in the FADT.
+    // "MINIVMM\0": identifies the hypervisor in the FADT.
     b.hypervisor_vendor_identity = u64::from_le_bytes(*b"MINIVMM\0").into();
     bytes_of(&b.finalize())
 }

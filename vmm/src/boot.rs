@@ -12,6 +12,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header
 use linux_loader::loader::{self, BzImage, Cmdline, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::error::Flat;
 use crate::layout::*;
 use crate::memory::low_ram_end;
 
@@ -29,7 +30,7 @@ const PAGE_SIZE: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// Kernel file cannot be opened or read.
-    #[error("cannot read kernel {path}: {source}")]
+    #[error("cannot read kernel {path}")]
     KernelFile {
         /// Path given.
         path: PathBuf,
@@ -38,7 +39,7 @@ pub enum BootError {
         source: std::io::Error,
     },
     /// Initrd cannot be opened or read.
-    #[error("cannot read initrd {path}: {source}")]
+    #[error("cannot read initrd {path}")]
     InitrdFile {
         /// Path given.
         path: PathBuf,
@@ -50,13 +51,13 @@ pub enum BootError {
     #[error("{0} is not a Linux kernel image (expected a bzImage or an ELF vmlinux)")]
     NotAKernel(PathBuf),
     /// linux-loader refused the image.
-    #[error("cannot load kernel {path}: {source}")]
+    #[error("cannot load kernel {path}")]
     Load {
         /// Path given.
         path: PathBuf,
         /// What linux-loader said.
         #[source]
-        source: loader::Error,
+        source: Flat<loader::Error>,
     },
     /// The initrd does not fit.
     #[error("initrd {path} ({size} bytes) does not fit in guest memory below {limit:#x}; give the VM more --memory")]
@@ -69,10 +70,19 @@ pub enum BootError {
         limit: u64,
     },
     /// Command line too long or invalid.
-    #[error("invalid kernel command line: {0}")]
-    Cmdline(String),
+    #[error("invalid kernel command line (at most {max} bytes of printable ASCII)")]
+    Cmdline {
+        /// Longest command line the kernel accepts.
+        max: usize,
+        /// What linux-loader said.
+        #[source]
+        source: linux_loader::cmdline::Error,
+    },
+    /// The command line could not be written to guest memory.
+    #[error("cannot write the kernel command line to guest memory")]
+    WriteCmdline(#[source] Flat<loader::Error>),
     /// Writing to guest memory failed.
-    #[error("cannot write {what} to guest memory: {source}")]
+    #[error("cannot write {what} to guest memory")]
     GuestMemory {
         /// What was being written.
         what: &'static str,
@@ -81,8 +91,8 @@ pub enum BootError {
         source: vm_memory::GuestMemoryError,
     },
     /// Writing the zero page failed.
-    #[error("cannot write boot parameters: {0}")]
-    BootParams(String),
+    #[error("cannot write boot parameters")]
+    BootParams(#[source] Flat<linux_loader::configurator::Error>),
 }
 
 /// Kernel image formats minivmm boots.
@@ -110,8 +120,6 @@ pub struct LoadedKernel {
     pub entry: GuestAddress,
     /// First address after the kernel image.
     pub end: u64,
-    /// Format loaded.
-    pub format: KernelFormat,
     /// bzImage setup header, if any.
     pub setup_header: Option<setup_header>,
 }
@@ -127,9 +135,9 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     let n = read_up_to(&mut file, &mut head).map_err(file_err)?;
     let format = detect_format(&head[..n]).ok_or_else(|| BootError::NotAKernel(path.into()))?;
     file.seek(SeekFrom::Start(0)).map_err(file_err)?;
-    let load_err = |source| BootError::Load {
+    let load_err = |e| BootError::Load {
         path: path.to_owned(),
-        source,
+        source: Flat(e),
     };
     let himem = Some(GuestAddress(HIMEM_START));
     match format {
@@ -138,7 +146,6 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
             Ok(LoadedKernel {
                 entry: r.kernel_load,
                 end: r.kernel_end,
-                format,
                 setup_header: None,
             })
         }
@@ -147,7 +154,6 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
             Ok(LoadedKernel {
                 entry: GuestAddress(r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET),
                 end: r.kernel_end,
-                format,
                 setup_header: r.setup_header,
             })
         }
@@ -224,13 +230,16 @@ pub fn load_cmdline(
         .map(|h| h.cmdline_size as usize + 1)
         .filter(|c| *c > 1)
         .unwrap_or(CMDLINE_MAX_SIZE);
-    let mut cl = Cmdline::new(capacity).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let invalid = |source| BootError::Cmdline {
+        max: capacity - 1,
+        source,
+    };
+    let mut cl = Cmdline::new(capacity).map_err(invalid)?;
     if !cmdline.is_empty() {
-        cl.insert_str(cmdline)
-            .map_err(|e| BootError::Cmdline(format!("{e} (at most {} bytes)", capacity - 1)))?;
+        cl.insert_str(cmdline).map_err(invalid)?;
     }
     loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cl)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+        .map_err(|e| BootError::WriteCmdline(Flat(e)))?;
     Ok(cmdline.len())
 }
 
@@ -321,7 +330,7 @@ pub fn write_boot_params(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<(), B
         &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START)),
         mem,
     )
-    .map_err(|e| BootError::BootParams(e.to_string()))
+    .map_err(|e| BootError::BootParams(Flat(e)))
 }
 
 #[cfg(test)]
@@ -332,7 +341,6 @@ mod tests {
         LoadedKernel {
             entry: GuestAddress(0x100_0000),
             end: 0x300_0000,
-            format: KernelFormat::Elf,
             setup_header: None,
         }
     }
@@ -458,7 +466,6 @@ mod tests {
         let info = BootInfo {
             kernel: LoadedKernel {
                 setup_header: Some(hdr),
-                format: KernelFormat::BzImage,
                 ..elf_kernel()
             },
             cmdline_len: 0,
@@ -479,7 +486,7 @@ mod tests {
         let long = "x".repeat(CMDLINE_MAX_SIZE + 10);
         assert!(matches!(
             load_cmdline(&mem, &long, &elf_kernel()),
-            Err(BootError::Cmdline(_))
+            Err(BootError::Cmdline { .. })
         ));
         assert_eq!(
             load_cmdline(&mem, "console=ttyS0", &elf_kernel()).unwrap(),

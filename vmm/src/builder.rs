@@ -4,25 +4,24 @@
 //! A reboot builds a fresh VM from the same config; only the [`Backends`] (the
 //! KVM handle, the serial console's host side, the lifecycle eventfds) survive.
 
-use std::ffi::CString;
+use std::ffi::{CString, NulError};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use devices::acpi_pm::{AcpiPmAml, AcpiPmDevice, PM_PORT, PM_PORT_LEN};
-use devices::bus::{Bus, BusDevice, BusError};
 use devices::i8042::{I8042Aml, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT};
 use devices::power_button::{PowerButton, PowerButtonAml, GED_GSI};
 use devices::pvpanic::{PvPanic, PvPanicAml, PVPANIC_PORT};
 use devices::serial::{SerialAml, SerialDevice, SharedWriter, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use devices::virtio::console::Console;
-use devices::virtio::mmio::{cmdline_device, MmioTransport, VirtioMmioAml, MMIO_WINDOW};
-use devices::{Aml, EventFdTrigger};
+use devices::virtio::mmio::MmioTransport;
+use devices::EventFdTrigger;
 use kvm_bindings::{
     kvm_clock_data, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -30,18 +29,34 @@ use crate::acpi::{self, AcpiError};
 use crate::boot::{self, BootError, BootInfo};
 use crate::config::{SerialBackend, VmConfig};
 use crate::cpu::{self, CpuError};
-use crate::layout::{KVM_TSS_ADDR, VIRTIO_MMIO_BASE, VIRTIO_MMIO_GSI};
+use crate::device_manager::{DeviceError, DeviceManager, Irq, PortRange};
+use crate::layout::KVM_TSS_ADDR;
 use crate::memory::{self, MemoryError};
 use crate::vcpu::{VcpuError, VcpuEvents, Vcpus};
 
 /// Errors building a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    /// /dev/kvm cannot be used.
-    #[error("{0}")]
-    KvmUnavailable(String),
+    /// The KVM device cannot be opened; the text says what to do about it.
+    #[error("{}", kvm_open_advice(.path, .source))]
+    KvmUnavailable {
+        /// The device (`/dev/kvm` or `$MINIVMM_KVM_DEVICE`).
+        path: String,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// `$MINIVMM_KVM_DEVICE` holds a NUL byte.
+    #[error("invalid KVM device path {path:?}")]
+    KvmPath {
+        /// The path given.
+        path: String,
+        /// Where the NUL is.
+        #[source]
+        source: NulError,
+    },
     /// A KVM ioctl failed.
-    #[error("{what} failed: {source}")]
+    #[error("{what} failed")]
     Kvm {
         /// Operation.
         what: &'static str,
@@ -65,6 +80,15 @@ pub enum BuildError {
         /// Available.
         host: u64,
     },
+    /// A guest memory region has no host mapping to give KVM.
+    #[error("cannot find the host mapping of guest memory region {slot}")]
+    HostMapping {
+        /// KVM memory slot (region index).
+        slot: u32,
+        /// What vm-memory said.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
     /// Kernel, initrd, command line, boot parameters.
     #[error(transparent)]
     Boot(#[from] BootError),
@@ -74,11 +98,11 @@ pub enum BuildError {
     /// vcpu configuration.
     #[error(transparent)]
     Cpu(#[from] CpuError),
-    /// Device layout.
-    #[error("device layout: {0}")]
-    Bus(#[from] BusError),
+    /// Device registration.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     /// Serial console file.
-    #[error("cannot open serial output {path}: {source}")]
+    #[error("cannot open serial output {path}")]
     SerialFile {
         /// File.
         path: std::path::PathBuf,
@@ -86,12 +110,25 @@ pub enum BuildError {
         #[source]
         source: io::Error,
     },
-    /// Other host I/O (eventfds, threads).
-    #[error("host I/O: {0}")]
-    Io(#[from] io::Error),
-    /// vcpu threads.
+    /// An eventfd could not be created or duplicated.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] io::Error),
+    /// The vcpu threads could not be started.
     #[error(transparent)]
     Vcpus(#[from] VcpuError),
+}
+
+/// What to tell the user when the KVM device at `path` cannot be opened.
+fn kvm_open_advice(path: &str, e: &kvm_ioctls::Error) -> String {
+    match e.errno() {
+        libc::ENOENT => format!(
+            "{path} does not exist: KVM is not available on this host (load the kvm-intel or kvm-amd module, and enable virtualization in the firmware)"
+        ),
+        libc::EACCES | libc::EPERM => format!(
+            "permission denied opening {path}: add your user to the 'kvm' group (sudo usermod -aG kvm $USER, then log in again) or run as root"
+        ),
+        _ => format!("cannot open {path}"),
+    }
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> BuildError {
@@ -152,19 +189,12 @@ fn host_memory_bytes() -> Option<u64> {
 /// Opens the KVM device, explaining the usual failures.
 pub fn open_kvm() -> Result<Kvm, BuildError> {
     let path = std::env::var("MINIVMM_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into());
-    let cpath = CString::new(path.clone())
-        .map_err(|_| BuildError::KvmUnavailable(format!("invalid KVM device path {path}")))?;
-    let kvm = Kvm::new_with_path(&cpath).map_err(|e| {
-        BuildError::KvmUnavailable(match e.errno() {
-            libc::ENOENT => format!(
-                "{path} does not exist: KVM is not available on this host (load the kvm-intel or kvm-amd module, and enable virtualization in the firmware)"
-            ),
-            libc::EACCES | libc::EPERM => format!(
-                "permission denied opening {path}: add your user to the 'kvm' group (sudo usermod -aG kvm $USER, then log in again) or run as root"
-            ),
-            _ => format!("cannot open {path}: {e}"),
-        })
+    let cpath = CString::new(path.clone()).map_err(|source| BuildError::KvmPath {
+        path: path.clone(),
+        source,
     })?;
+    let kvm =
+        Kvm::new_with_path(&cpath).map_err(|source| BuildError::KvmUnavailable { path, source })?;
     for (cap, name) in [
         (Cap::Irqchip, "an in-kernel irqchip"),
         (Cap::Pit2, "an in-kernel PIT"),
@@ -205,28 +235,52 @@ impl Backends {
             SerialBackend::File(path) => Box::new(open_serial_file(path)?),
         };
         let serial_out = SharedWriter::new(out);
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK)?;
-        let serial_input_ready = EventFd::new(libc::EFD_NONBLOCK)?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            EventFdTrigger::new(serial_irq.try_clone()?),
-            serial_input_ready.try_clone()?,
-            serial_out.clone(),
-        )));
+        let serial_irq = new_eventfd()?;
+        let serial_input_ready = new_eventfd()?;
+        let serial = new_serial(&serial_irq, &serial_input_ready, &serial_out)?;
         Ok(Self {
             kvm,
             cpuid,
-            events: Arc::new(VcpuEvents::new()?),
-            serial,
+            events: Arc::new(VcpuEvents::new().map_err(BuildError::EventFd)?),
+            serial: Arc::new(Mutex::new(serial)),
             serial_input_ready,
             serial_irq,
             serial_out,
         })
     }
 
+    /// Gives COM1 fresh registers, keeping its host side.
+    fn reset_serial(&self) -> Result<(), BuildError> {
+        let fresh = new_serial(&self.serial_irq, &self.serial_input_ready, &self.serial_out)?;
+        *self.serial.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
     /// Flushes the console output.
     pub fn flush_serial(&self) {
         let _ = io::Write::flush(&mut self.serial_out.clone());
     }
+}
+
+fn new_eventfd() -> Result<EventFd, BuildError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)
+}
+
+fn dup(evt: &EventFd) -> Result<EventFd, BuildError> {
+    evt.try_clone().map_err(BuildError::EventFd)
+}
+
+/// A UART in its reset state, raising `irq` and writing to `out`.
+fn new_serial(
+    irq: &EventFd,
+    input_ready: &EventFd,
+    out: &SharedWriter,
+) -> Result<SerialDevice, BuildError> {
+    Ok(SerialDevice::new(
+        EventFdTrigger::new(dup(irq)?),
+        dup(input_ready)?,
+        out.clone(),
+    ))
 }
 
 fn open_serial_file(path: &Path) -> Result<File, BuildError> {
@@ -268,16 +322,15 @@ impl Vm {
 
     /// Parks every vcpu (pending I/O completed) and freezes the guest clock. A
     /// vcpu that does not park in time is logged; it parks once it can.
-    pub fn pause(&mut self) {
-        if let Err(e) = self.vcpus.pause() {
-            log::error!("{e}");
-        }
+    pub fn pause(&mut self) -> Result<(), VcpuError> {
+        self.vcpus.pause()?;
         if self.clock.is_none() {
             match self.vm_fd.get_clock() {
                 Ok(c) => self.clock = Some(c),
                 Err(e) => log::debug!("KVM_GET_CLOCK: {e}"),
             }
         }
+        Ok(())
     }
 
     /// Restores the guest clock to where it was paused and lets the vcpus run.
@@ -304,13 +357,27 @@ impl Vm {
     }
 }
 
+fn create_vm(kvm: &Kvm) -> Result<VmFd, BuildError> {
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDR)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok(vm)
+}
+
 pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), BuildError> {
-    for (slot, region) in mem.iter().enumerate() {
+    for (slot, region) in (0u32..).zip(mem.iter()) {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| BuildError::Io(io::Error::other(e.to_string())))?;
+            .map_err(|source| BuildError::HostMapping { slot, source })?;
         let r = kvm_userspace_memory_region {
-            slot: slot as u32,
+            slot,
             flags: 0,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
@@ -323,19 +390,82 @@ pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Bu
     Ok(())
 }
 
+/// The devices a VM needs handles to after it is built.
+struct Devices {
+    power_button: PowerButton,
+    agent_port: Option<AgentPort>,
+}
+
+/// Registers the VM's devices, in DSDT order: COM1, the i8042 (reset line only),
+/// the ACPI PM registers, the power button (GED), pvpanic, then, with `agent`,
+/// the guest-agent port (a virtio-console in the first virtio-mmio slot).
+fn add_devices(
+    dm: &mut DeviceManager,
+    mem: &GuestMemoryMmap,
+    serial: &Arc<Mutex<SerialDevice>>,
+    serial_irq: &EventFd,
+    events: &VcpuEvents,
+    agent: bool,
+) -> Result<Devices, BuildError> {
+    dm.register_pio_device(
+        serial.clone(),
+        &[PortRange::new(COM1_PORT, COM1_PORT_LEN)],
+        Some(Irq::new(serial_irq, COM1_IRQ)),
+        SerialAml,
+    )?;
+    let i8042 = I8042::new(EventFdTrigger::new(dup(&events.reset)?));
+    dm.register_pio_device(
+        Arc::new(Mutex::new(i8042)),
+        &[
+            PortRange::new(I8042_DATA_PORT, 1),
+            PortRange::new(I8042_COMMAND_PORT, 1),
+        ],
+        None,
+        I8042Aml,
+    )?;
+    let pm = AcpiPmDevice::new(dup(&events.shutdown)?, dup(&events.reset)?);
+    dm.register_pio_device(
+        Arc::new(Mutex::new(pm)),
+        &[PortRange::new(PM_PORT, PM_PORT_LEN)],
+        None,
+        AcpiPmAml,
+    )?;
+    let button_irq = new_eventfd()?;
+    dm.register_irq_device(Irq::new(&button_irq, GED_GSI), PowerButtonAml)?;
+    let pvpanic = PvPanic::new(dup(&events.panic)?);
+    dm.register_pio_device(
+        Arc::new(Mutex::new(pvpanic)),
+        &[PortRange::new(PVPANIC_PORT, 1)],
+        None,
+        PvPanicAml,
+    )?;
+    let agent_port = if agent {
+        Some(dm.register_mmio_device(Console::default(), mem)?)
+    } else {
+        None
+    };
+    Ok(Devices {
+        power_button: PowerButton::new(button_irq),
+        agent_port,
+    })
+}
+
+/// The kernel command line: the user's, then (if `with_devices`) the
+/// virtio-mmio devices' entries, each after a space.
+fn kernel_cmdline(user: &str, with_devices: bool, device_entries: &[String]) -> String {
+    let mut cmdline = user.to_owned();
+    if with_devices {
+        for entry in device_entries {
+            cmdline.push(' ');
+            cmdline.push_str(entry);
+        }
+    }
+    cmdline
+}
+
 /// Builds the VM described by `cfg` and starts its vcpus, parked if `paused`.
 pub fn build_vm(cfg: &VmConfig, b: &Backends, paused: bool) -> Result<Vm, BuildError> {
-    let vm = b.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    vm.set_tss_address(KVM_TSS_ADDR)
-        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip()
-        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    vm.create_pit2(kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    })
-    .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
+    let vm = create_vm(&b.kvm)?;
     let mem = memory::create_guest_memory(cfg.memory)?;
     register_memory(&vm, &mem)?;
 
@@ -344,74 +474,21 @@ pub fn build_vm(cfg: &VmConfig, b: &Backends, paused: bool) -> Result<Vm, BuildE
         Some(p) => Some(boot::load_initrd(&mem, cfg.memory, p, &kernel)?),
         None => None,
     };
-    let mut cmdline = cfg.cmdline.clone();
-    if cfg.agent.is_some() && cfg.virtio_mmio_cmdline {
-        cmdline.push(' ');
-        cmdline.push_str(&cmdline_device(VIRTIO_MMIO_BASE, VIRTIO_MMIO_GSI));
-    }
-    let cmdline_len = boot::load_cmdline(&mem, &cmdline, &kernel)?;
 
-    // Devices. COM1 gets fresh registers but keeps its host side.
-    *b.serial.lock().unwrap_or_else(|e| e.into_inner()) = SerialDevice::new(
-        EventFdTrigger::new(b.serial_irq.try_clone()?),
-        b.serial_input_ready.try_clone()?,
-        b.serial_out.clone(),
-    );
-    vm.register_irqfd(&b.serial_irq, COM1_IRQ)
-        .map_err(kvm_err("KVM_IRQFD"))?;
-    let i8042: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(
-        b.events.reset.try_clone()?,
-    ))));
-    let pm = Arc::new(Mutex::new(AcpiPmDevice::new(
-        b.events.shutdown.try_clone()?,
-        b.events.reset.try_clone()?,
-    )));
-    let pvpanic = Arc::new(Mutex::new(PvPanic::new(b.events.panic.try_clone()?)));
-    let button_irq = EventFd::new(libc::EFD_NONBLOCK)?;
-    vm.register_irqfd(&button_irq, GED_GSI)
-        .map_err(kvm_err("KVM_IRQFD"))?;
-    let mut pio = Bus::new("pio");
-    pio.insert(
-        b.serial.clone(),
-        u64::from(COM1_PORT),
-        u64::from(COM1_PORT_LEN),
+    b.reset_serial()?;
+    let mut dm = DeviceManager::new(&vm);
+    let devices = add_devices(
+        &mut dm,
+        &mem,
+        &b.serial,
+        &b.serial_irq,
+        &b.events,
+        cfg.agent.is_some(),
     )?;
-    pio.insert(i8042.clone(), u64::from(I8042_DATA_PORT), 1)?;
-    pio.insert(i8042, u64::from(I8042_COMMAND_PORT), 1)?;
-    pio.insert(pm, u64::from(PM_PORT), u64::from(PM_PORT_LEN))?;
-    pio.insert(pvpanic, u64::from(PVPANIC_PORT), 1)?;
-    let mut mmio = Bus::new("mmio");
-    let mut aml: Vec<&dyn Aml> = vec![
-        &SerialAml,
-        &I8042Aml,
-        &AcpiPmAml,
-        &PowerButtonAml,
-        &PvPanicAml,
-    ];
-    let agent_aml = VirtioMmioAml {
-        index: 0,
-        base: VIRTIO_MMIO_BASE as u32,
-        gsi: VIRTIO_MMIO_GSI,
-    };
-    let agent_port = if cfg.agent.is_some() {
-        let irq = EventFd::new(libc::EFD_NONBLOCK)?;
-        vm.register_irqfd(&irq, VIRTIO_MMIO_GSI)
-            .map_err(kvm_err("KVM_IRQFD"))?;
-        let t = MmioTransport::new(Console::default(), mem.clone(), irq)?;
-        for (i, evt) in t.queue_evts().iter().enumerate() {
-            let notify = IoEventAddress::Mmio(VIRTIO_MMIO_BASE + 0x50);
-            vm.register_ioevent(evt, &notify, i as u32)
-                .map_err(kvm_err("KVM_IOEVENTFD"))?;
-        }
-        let t = Arc::new(Mutex::new(t));
-        mmio.insert(t.clone(), VIRTIO_MMIO_BASE, MMIO_WINDOW)?;
-        aml.push(&agent_aml);
-        Some(t)
-    } else {
-        None
-    };
 
-    let rsdp = acpi::write_tables(&mem, cfg.cpus, &aml)?;
+    let cmdline = kernel_cmdline(&cfg.cmdline, cfg.virtio_mmio_cmdline, dm.cmdline_entries());
+    let cmdline_len = boot::load_cmdline(&mem, &cmdline, &kernel)?;
+    let rsdp = acpi::write_tables(&mem, cfg.cpus, &dm.aml())?;
     boot::write_boot_params(
         &mem,
         &BootInfo {
@@ -425,7 +502,7 @@ pub fn build_vm(cfg: &VmConfig, b: &Backends, paused: bool) -> Result<Vm, BuildE
     cpu::write_boot_structures(&mem)?;
     boot::write_reset_vector(&mem)?;
 
-    let mut fds = Vec::with_capacity(cfg.cpus as usize);
+    let mut fds = Vec::with_capacity(usize::from(cfg.cpus));
     for id in 0..cfg.cpus {
         let fd = vm
             .create_vcpu(u64::from(id))
@@ -433,13 +510,17 @@ pub fn build_vm(cfg: &VmConfig, b: &Backends, paused: bool) -> Result<Vm, BuildE
         cpu::configure_vcpu(&fd, id, cfg.cpus, &b.cpuid, kernel.entry)?;
         fds.push(fd);
     }
+    let (pio, mmio) = dm.into_buses();
     let vcpus = Vcpus::start(fds, Arc::new(pio), Arc::new(mmio), b.events.clone(), paused)?;
     Ok(Vm {
         vcpus,
-        agent_port,
+        agent_port: devices.agent_port,
         vm_fd: vm,
         _memory: mem,
-        power_button: PowerButton::new(button_irq),
+        power_button: devices.power_button,
         clock: None,
     })
 }
+
+#[cfg(test)]
+mod tests;

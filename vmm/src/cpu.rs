@@ -14,7 +14,7 @@ use crate::layout::*;
 #[derive(Debug, thiserror::Error)]
 pub enum CpuError {
     /// A KVM ioctl failed.
-    #[error("vcpu {id}: {what} failed: {source}")]
+    #[error("vcpu {id}: {what} failed")]
     Kvm {
         /// vcpu index.
         id: u8,
@@ -34,8 +34,19 @@ pub enum CpuError {
         /// How many were asked.
         wanted: usize,
     },
+    /// The boot MSR list does not fit KVM's MSR array.
+    #[error("vcpu {id}: cannot build the list of {wanted} boot MSRs")]
+    MsrList {
+        /// vcpu index.
+        id: u8,
+        /// How many MSRs.
+        wanted: usize,
+        /// What the array said.
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
     /// Writing the GDT or page tables failed.
-    #[error("cannot write boot page tables/GDT: {0}")]
+    #[error("cannot write boot page tables/GDT")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
 }
 
@@ -300,10 +311,10 @@ pub fn configure_vcpu(
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
 
     let entries = boot_msr_entries();
-    let msrs = Msrs::from_entries(&entries).map_err(|_| CpuError::Msrs {
+    let msrs = Msrs::from_entries(&entries).map_err(|source| CpuError::MsrList {
         id,
-        set: 0,
         wanted: entries.len(),
+        source,
     })?;
     let set = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
     if set != entries.len() {

@@ -11,8 +11,8 @@
 //! 0x000f_fff0  reset vector: a stub that writes the ACPI reset register
 //! 0x0010_0000  kernel (bzImage protected-mode part; ELF loads at its own address)
 //!   ...        RAM up to min(size, 3 GiB); initrd at the top of it
-//! 0xc000_0000  32-bit MMIO hole: virtio-mmio at 0xd000_0000 (4 KiB each),
-//!              IOAPIC (0xfec0_0000), LAPIC (0xfee0_0000)
+//! 0xc000_0000  32-bit MMIO hole: virtio-mmio slots from 0xd000_0000 (4 KiB
+//!              each), IOAPIC (0xfec0_0000), LAPIC (0xfee0_0000)
 //! 0x1_0000_0000  the rest of RAM
 //! ```
 
@@ -44,9 +44,12 @@ pub const RESET_VECTOR: u64 = 0xffff0;
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole: RAM stops here and continues at 4 GiB.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
-/// First virtio-mmio register window (one 4 KiB window per device).
+/// First virtio-mmio register window (one 4 KiB window, a slot, per device).
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
-/// GSI of the first virtio-mmio device.
+/// Number of virtio-mmio slots from [`VIRTIO_MMIO_BASE`].
+pub const VIRTIO_MMIO_SLOTS: u32 = 16;
+/// GSI of the first virtio-mmio device; the following ones take the next free
+/// GSIs below [`IOAPIC_PINS`].
 pub const VIRTIO_MMIO_GSI: u32 = 10;
 /// 4 GiB.
 pub const FOUR_GIB: u64 = 1 << 32;

@@ -12,6 +12,8 @@ pub mod cli;
 pub mod config;
 pub mod console;
 pub mod cpu;
+pub mod device_manager;
+pub mod error;
 pub mod layout;
 pub mod machine;
 pub mod memory;

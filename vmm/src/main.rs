@@ -29,21 +29,8 @@ fn main() -> ExitCode {
             ExitCode::from(outcome.exit_code() as u8)
         }
         Err(e) => {
-            eprintln!("minivmm: error: {}", error_chain(&e));
+            eprintln!("minivmm: error: {}", minivmm::error::error_chain(&e));
             ExitCode::from(1)
         }
     }
-}
-
-/// `e` and its causes, each once: "top: cause: root cause". Each error's
-/// `Display` describes only its own level and leaves its `source()` to this.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
 }

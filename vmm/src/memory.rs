@@ -8,7 +8,7 @@ use crate::layout::{FOUR_GIB, MMIO_HOLE_START};
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// The host refused the allocation.
-    #[error("cannot allocate {size} MiB of guest memory: {source}")]
+    #[error("cannot allocate {size} MiB of guest memory")]
     Allocate {
         /// Requested size in MiB.
         size: u64,

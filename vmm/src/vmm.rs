@@ -291,7 +291,7 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
         let ready = persistent
             .serial_input_ready
             .try_clone()
-            .map_err(BuildError::Io)?;
+            .map_err(BuildError::EventFd)?;
         em.add_subscriber(Box::new(ConsoleInput::new(
             persistent.serial.clone(),
             ready,

@@ -17,6 +17,10 @@ use crate::bus::BusDevice;
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
+/// Offset of the QueueNotify register in a device's window. The driver writes a
+/// queue's index there to notify it; the VMM registers each queue's eventfd as an
+/// ioeventfd at this address with the index as datamatch.
+pub const QUEUE_NOTIFY_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 /// VIRTIO_F_VERSION_1.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -68,7 +72,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     /// The eventfd KVM signals when the guest notifies queue `i` (register it as an
-    /// ioeventfd at `base + QUEUE_NOTIFY` with datamatch `i`).
+    /// ioeventfd at `base + QUEUE_NOTIFY_OFFSET` with datamatch `i`).
     pub fn queue_evts(&self) -> &[EventFd] {
         &self.queue_evts
     }

@@ -14,6 +14,7 @@ use qmp::server::ChardevInfo;
 
 use crate::builder::{self, AgentPort, Backends as Persistent, BuildError, Vm};
 use crate::config::VmConfig;
+use crate::error::error_chain;
 use crate::machine::{Effect, Input, Machine, Outcome, Policy, RunState};
 use crate::qmp_event::QmpEvent;
 
@@ -94,8 +95,11 @@ impl Runtime {
         match effect {
             Effect::Emit(ev) => self.emit(ev),
             Effect::Pause => {
-                if let Some(vm) = self.vm.as_mut() {
-                    vm.pause();
+                let paused = self.vm.as_mut().map_or(Ok(()), Vm::pause);
+                if let Err(e) = paused {
+                    // A vcpu that cannot be stopped is a failed VM. (Ignored when
+                    // the VM is already failed: that is what made it stop.)
+                    let _ = self.input(Input::VmFailed(e.to_string()));
                 }
             }
             Effect::Resume => {
@@ -130,7 +134,7 @@ impl Runtime {
                 Ok(())
             }
             Err(e) => {
-                let msg = format!("reset failed: {e}");
+                let msg = format!("reset failed: {}", error_chain(&e));
                 self.fatal = Some(e);
                 Err(QmpError::generic(msg))
             }

@@ -47,7 +47,7 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     /// A vcpu thread could not be created.
-    #[error("cannot start a vcpu thread: {0}")]
+    #[error("cannot start a vcpu thread")]
     Spawn(#[source] std::io::Error),
     /// Some vcpus did not answer a request within `timeout`.
     #[error("{} did not {what} within {timeout:?}", vcpu_names(.ids))]
