@@ -2,10 +2,14 @@
 //!
 //! - [`stream`]: splits a byte stream into JSON messages as QEMU does;
 //! - [`protocol`]: requests, replies, errors and events in QEMU's wire format;
+//! - [`conn`]: non-blocking client connections (owner-only Unix and TCP
+//!   listeners, framed input, bounded output, epoll interest, graceful close),
+//!   shared by the QMP server and the guest-agent proxy;
 //! - [`server`]: Unix and TCP endpoints serving many clients each, with
 //!   per-client capability negotiation and bounded buffers. Commands are
 //!   executed, in order, by a [`server::Handler`] the VMM provides.
 
+pub mod conn;
 pub mod protocol;
 pub mod server;
 pub mod stream;

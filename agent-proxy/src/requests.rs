@@ -1,0 +1,228 @@
+//! Requests: the one-at-a-time queue, the QMP side, completion and timeouts.
+
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+use crate::channel::Channel;
+use crate::wire::{self, SENTINEL};
+use crate::{AgentError, AgentProxy, COMPLETING_EVENTS, NOT_CONNECTED, NO_REPLY_COMMANDS};
+
+/// Who gets a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Owner {
+    Client(u64),
+    Qmp(u64),
+}
+
+#[derive(Debug)]
+pub(crate) struct Request {
+    pub(crate) owner: Owner,
+    /// Bytes for the agent.
+    pub(crate) wire: Vec<u8>,
+    /// The request's `id` member, echoed in replies the proxy makes itself.
+    pub(crate) id: Option<Value>,
+    /// A command without success reply.
+    pub(crate) no_reply: bool,
+}
+
+#[derive(Debug)]
+pub(crate) enum Work {
+    Forward(Request),
+    /// A reply the proxy made for a client, delivered in that client's order.
+    Local {
+        client: u64,
+        bytes: Vec<u8>,
+    },
+}
+
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    pub(crate) req: Request,
+    pub(crate) deadline: Instant,
+}
+
+/// "30", "0.2": seconds as in the timeout error.
+fn seconds(d: Duration) -> String {
+    format!("{}", d.as_secs_f64())
+}
+
+impl AgentProxy {
+    /// Forwards a `guest-*` command (`{"execute": ..., "arguments": ...}`) from a
+    /// QMP client; the reply comes back from [`Self::take_qmp_replies`] with `token`.
+    pub fn submit_qmp(&mut self, token: u64, request: Value) {
+        let name = request.get("execute").and_then(Value::as_str);
+        let Some(name) = name else {
+            self.qmp_replies.push((
+                token,
+                Err(AgentError::generic("QMP input lacks member 'execute'")),
+            ));
+            return;
+        };
+        if self.channel == Channel::Closed {
+            self.qmp_replies
+                .push((token, Err(AgentError::generic(NOT_CONNECTED))));
+            return;
+        }
+        let mut m = Map::new();
+        m.insert("execute".into(), json!(name));
+        if let Some(a) = request.get("arguments") {
+            m.insert("arguments".into(), a.clone());
+        }
+        let req = Request {
+            owner: Owner::Qmp(token),
+            no_reply: NO_REPLY_COMMANDS.contains(&name),
+            wire: wire::to_request_wire(&Value::Object(m)),
+            id: None,
+        };
+        self.queue.push_back(Work::Forward(req));
+        self.pump();
+        self.update_timer();
+    }
+
+    /// Completed QMP requests: the `return` value or the error.
+    pub fn take_qmp_replies(&mut self) -> Vec<(u64, Result<Value, AgentError>)> {
+        std::mem::take(&mut self.qmp_replies)
+    }
+
+    /// A VM event (`SHUTDOWN`, `RESET`, ...): completes an in-flight command
+    /// without success reply.
+    pub fn vm_event(&mut self, name: &str) {
+        if !COMPLETING_EVENTS.contains(&name) {
+            return;
+        }
+        if self.in_flight.as_ref().is_some_and(|f| f.req.no_reply) {
+            if let Some(f) = self.in_flight.take() {
+                log::debug!("guest agent command completed by the {name} event");
+                self.complete(f.req, Ok(json!({})));
+                self.resync();
+            }
+        }
+        self.pump();
+        self.update_timer();
+    }
+
+    // ---- requests ---------------------------------------------------------
+
+    /// Sends the next request if the channel is free; delivers local replies.
+    pub(crate) fn pump(&mut self) {
+        while self.in_flight.is_none() {
+            match self.queue.front() {
+                None => break,
+                Some(Work::Forward(_)) if self.channel != Channel::Ready => break,
+                Some(_) => {}
+            }
+            match self.queue.pop_front() {
+                Some(Work::Local { client, bytes }) => self.client_output(client, &bytes, true),
+                Some(Work::Forward(req)) => {
+                    self.to_guest.extend_from_slice(&req.wire);
+                    self.in_flight = Some(InFlight {
+                        req,
+                        deadline: Instant::now() + self.timeout,
+                    });
+                }
+                None => break,
+            }
+        }
+    }
+
+    pub(crate) fn fail_queued(&mut self, desc: &str) {
+        while let Some(w) = self.queue.pop_front() {
+            match w {
+                Work::Forward(req) => self.complete(req, Err(AgentError::generic(desc))),
+                Work::Local { client, bytes } => self.client_output(client, &bytes, true),
+            }
+        }
+    }
+
+    /// Completes a request with a result made by the proxy.
+    pub(crate) fn complete(&mut self, req: Request, result: Result<Value, AgentError>) {
+        match req.owner {
+            Owner::Qmp(token) => self.qmp_replies.push((token, result)),
+            Owner::Client(c) => {
+                let bytes = wire::to_wire(&wire::reply(&result, req.id.as_ref()));
+                self.client_output(c, &bytes, true);
+            }
+        }
+    }
+
+    pub(crate) fn deliver_agent_reply(&mut self, req: Request, v: &Value, sentinel: bool) {
+        match req.owner {
+            Owner::Qmp(token) => self.qmp_replies.push((token, wire::reply_result(v))),
+            Owner::Client(c) => {
+                let mut bytes = Vec::new();
+                if sentinel {
+                    bytes.push(SENTINEL);
+                }
+                bytes.extend(wire::to_wire(v));
+                self.client_output(c, &bytes, true);
+            }
+        }
+    }
+
+    // ---- time -------------------------------------------------------------
+
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        if let Some(f) = &self.in_flight {
+            return Some(f.deadline);
+        }
+        match self.channel {
+            Channel::Syncing { deadline, .. } => Some(deadline),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn update_timer(&mut self) {
+        let want = self.deadline();
+        if want == self.timer_deadline {
+            return;
+        }
+        let r = match want {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                self.timer.reset(left.max(Duration::from_nanos(1)), None)
+            }
+            None => self.timer.clear(),
+        };
+        if let Err(e) = r {
+            log::error!("guest agent timer: {e}");
+        }
+        self.timer_deadline = want;
+    }
+
+    pub(crate) fn on_timer(&mut self) {
+        let mut count = [0u8; 8];
+        // Drain the expiration count; the timer is non-blocking, so a stale event
+        // (the timer was re-armed meanwhile) reads nothing.
+        // SAFETY: reads at most 8 bytes into `count`, which we own.
+        let _ = unsafe {
+            libc::read(
+                self.timer.as_raw_fd(),
+                count.as_mut_ptr().cast(),
+                count.len(),
+            )
+        };
+        self.timer_deadline = None;
+        let now = Instant::now();
+        let what = seconds(self.timeout);
+        if self.in_flight.as_ref().is_some_and(|f| f.deadline <= now) {
+            if let Some(f) = self.in_flight.take() {
+                log::warn!("the guest agent did not answer within {what} s: resynchronising");
+                let e = format!("Guest agent did not respond within {what} seconds");
+                self.complete(f.req, Err(AgentError::generic(e)));
+                self.resync();
+            }
+        } else if let Channel::Syncing { deadline, .. } = self.channel {
+            if deadline <= now && self.in_flight.is_none() {
+                log::warn!("the guest agent did not answer guest-sync-delimited within {what} s");
+                self.fail_queued(&format!(
+                    "Guest agent did not respond within {what} seconds"
+                ));
+                self.resync();
+            }
+        }
+        self.pump();
+        self.update_timer();
+    }
+}

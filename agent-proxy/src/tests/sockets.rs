@@ -1,0 +1,346 @@
+//! With the event loop and real sockets.
+
+use super::*;
+use qmp::conn::testing::{
+    check_owner_only_socket, socket_path, until_quiet, EventLoop, TestClient,
+};
+use std::cell::RefCell;
+use std::io::BufRead;
+use std::rc::Rc;
+
+struct Harness {
+    lp: EventLoop<AgentProxy>,
+    proxy: Rc<RefCell<AgentProxy>>,
+    agent: FakeAgent,
+    path: PathBuf,
+}
+
+impl Harness {
+    fn new(tag: &str, timeout: Duration) -> Self {
+        let path = socket_path("qga-test", tag);
+        let lp = EventLoop::new(
+            AgentProxy::new(ProxyConfig {
+                socket: Some(path.clone()),
+                timeout,
+            })
+            .unwrap(),
+        );
+        Harness {
+            proxy: lp.server.clone(),
+            lp,
+            agent: FakeAgent::new(),
+            path,
+        }
+    }
+
+    /// One VMM round: the event loop, then the guest side, then client output.
+    fn round(&mut self, ms: i32) -> usize {
+        let n = self.lp.run(ms);
+        let moved = exchange(&mut self.proxy.borrow_mut(), &mut self.agent);
+        self.lp.with_ops(|p, ops| p.flush(ops));
+        n + moved
+    }
+
+    /// Runs rounds until things go quiet.
+    fn pump(&mut self) {
+        until_quiet(3, || self.round(5));
+    }
+
+    fn open(&mut self) {
+        self.proxy.borrow_mut().port_state(true);
+        self.pump();
+        assert!(self.proxy.borrow().is_synced());
+    }
+
+    fn connect(&mut self) -> TestClient {
+        let c = TestClient::connect(&self.path);
+        self.pump();
+        c
+    }
+
+    fn clients(&self) -> usize {
+        self.proxy.borrow().client_count()
+    }
+}
+
+trait Replies {
+    /// One reply, raw, including its "\n".
+    fn reply(&mut self) -> Vec<u8>;
+    fn reply_str(&mut self) -> String;
+}
+
+impl Replies for TestClient {
+    fn reply(&mut self) -> Vec<u8> {
+        self.read_line()
+    }
+    fn reply_str(&mut self) -> String {
+        String::from_utf8(self.reply()).unwrap()
+    }
+}
+
+#[test]
+fn client_guest_sync_delimited_with_sentinel_like_qemu() {
+    let mut h = Harness::new("sentinel", DEFAULT_TIMEOUT);
+    h.open();
+    let mut c = h.connect();
+    c.send(b"\xff{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":1234}}\n");
+    h.pump();
+    // Exactly the bytes of the qemu-ga transcript.
+    assert_eq!(
+        c.reply(),
+        b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, stray '\\uFFFD'\"}}\n"
+    );
+    assert_eq!(c.reply(), b"\xff{\"return\": 1234}\n");
+    c.send(b"{\"execute\": \"guest-ping\"}\n");
+    h.pump();
+    assert_eq!(c.reply(), b"{\"return\": {}}\n");
+    // Plain guest-sync, with an id member; a partial message dropped by a 0xFF;
+    // malformed input answered like qemu-ga.
+    c.send(b"{\"execute\":\"guest-sync\",\"arguments\":{\"id\":99},\"id\":\"x\"}\n{\"execute\":\"guest-pi\xff{\"execute\": garbage}\n");
+    h.pump();
+    assert_eq!(c.reply_str(), "{\"return\": 99, \"id\": \"x\"}\n");
+    assert!(c.reply_str().contains("stray '\\uFFFD'"));
+    assert_eq!(
+        c.reply_str(),
+        "{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, invalid keyword 'garbage'\"}}\n"
+    );
+    assert!(c.nothing_pending());
+    // The agent saw only whole, well-formed requests.
+    assert_eq!(
+        h.agent.commands(),
+        [
+            "guest-sync-delimited",
+            "guest-sync-delimited",
+            "guest-ping",
+            "guest-sync"
+        ]
+    );
+    assert_eq!(h.agent.seen[1]["arguments"]["id"], 1234);
+    assert!(h.proxy.borrow().is_synced());
+}
+
+#[test]
+fn interleaved_clients_get_their_own_replies() {
+    let mut h = Harness::new("interleave", DEFAULT_TIMEOUT);
+    h.open();
+    let mut a = h.connect();
+    let mut b = h.connect();
+    let mut c = h.connect();
+    let sync = |id: u64| format!("{{\"execute\":\"guest-sync\",\"arguments\":{{\"id\":{id}}}}}\n");
+    // Everything arrives before the loop runs; a QMP request in the middle.
+    a.send(format!("{}{}", sync(1), sync(2)).as_bytes());
+    b.send(sync(101).as_bytes());
+    h.proxy.borrow_mut().submit_qmp(
+        5,
+        json!({"execute": "guest-sync", "arguments": {"id": 500}}),
+    );
+    // Split across writes and rounds.
+    let s = sync(201);
+    c.send(&s.as_bytes()[..10]);
+    h.round(5);
+    c.send(&s.as_bytes()[10..]);
+    a.send(sync(3).as_bytes());
+    b.send(b"\xff");
+    b.send(sync(102).as_bytes());
+    h.pump();
+    assert_eq!(a.reply_str(), "{\"return\": 1}\n");
+    assert_eq!(a.reply_str(), "{\"return\": 2}\n");
+    assert_eq!(a.reply_str(), "{\"return\": 3}\n");
+    assert_eq!(b.reply_str(), "{\"return\": 101}\n");
+    assert!(b.reply_str().contains("stray"));
+    assert_eq!(b.reply_str(), "{\"return\": 102}\n");
+    assert_eq!(c.reply_str(), "{\"return\": 201}\n");
+    assert_eq!(
+        h.proxy.borrow_mut().take_qmp_replies(),
+        vec![(5, Ok(json!(500)))]
+    );
+    for x in [&mut a, &mut b, &mut c] {
+        assert!(x.nothing_pending());
+    }
+    // Many pipelined requests: read in bounded batches, all answered in order.
+    let many: String = (1000..1100).map(sync).collect();
+    a.send(many.as_bytes());
+    h.pump();
+    for i in 1000..1100 {
+        assert_eq!(a.reply_str(), format!("{{\"return\": {i}}}\n"));
+    }
+}
+
+#[test]
+fn timeout_errors_then_resyncs() {
+    let mut h = Harness::new("timeout", Duration::from_millis(200));
+    h.open();
+    let mut c = h.connect();
+    h.agent.hung = true;
+    h.proxy
+        .borrow_mut()
+        .submit_qmp(1, json!({"execute": "guest-sync", "arguments": {"id": 1}}));
+    c.send(b"{\"execute\":\"guest-sync\",\"arguments\":{\"id\":2}}\n");
+    let start = Instant::now();
+    let mut replies = Vec::new();
+    while replies.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(5), "no timeout");
+        // Blocks in epoll until the timer fires.
+        h.round(1000);
+        replies = h.proxy.borrow_mut().take_qmp_replies();
+    }
+    assert!(start.elapsed() >= Duration::from_millis(200));
+    assert_eq!(
+        replies,
+        vec![(
+            1,
+            Err(AgentError::generic(
+                "Guest agent did not respond within 0.2 seconds"
+            ))
+        )]
+    );
+    assert!(!h.proxy.borrow().is_synced(), "resync after the timeout");
+    // The agent wakes up: its late reply is discarded, the queued client request
+    // goes after the sync.
+    h.agent.release();
+    h.pump();
+    assert_eq!(c.reply_str(), "{\"return\": 2}\n");
+    assert!(c.nothing_pending());
+    assert_eq!(
+        h.agent.commands(),
+        [
+            "guest-sync-delimited",
+            "guest-sync",
+            "guest-sync-delimited",
+            "guest-sync"
+        ]
+    );
+
+    // A sync that gets no answer: queued requests fail after the timeout, and the
+    // proxy keeps trying with a new id.
+    h.agent.hung = true;
+    h.proxy.borrow_mut().port_state(false);
+    h.proxy.borrow_mut().port_state(true);
+    c.send(b"{\"execute\":\"guest-ping\",\"id\":7}\n");
+    let start = Instant::now();
+    let mut reply = None;
+    while reply.is_none() {
+        assert!(start.elapsed() < Duration::from_secs(5), "no timeout");
+        h.round(1000);
+        c.w.set_nonblocking(true).unwrap();
+        let mut l = Vec::new();
+        if c.r.read_until(b'\n', &mut l).is_ok() && !l.is_empty() {
+            reply = Some(l);
+        }
+        c.w.set_nonblocking(false).unwrap();
+    }
+    assert_eq!(
+        reply.unwrap(),
+        b"{\"id\": 7, \"error\": {\"class\": \"GenericError\", \"desc\": \"Guest agent did not respond within 0.2 seconds\"}}\n"
+    );
+    h.agent.release();
+    h.pump();
+    assert!(h.proxy.borrow().is_synced());
+    c.send(b"{\"execute\":\"guest-ping\"}\n");
+    h.pump();
+    assert_eq!(c.reply_str(), "{\"return\": {}}\n");
+}
+
+#[test]
+fn port_closed_replies_on_the_socket() {
+    let mut h = Harness::new("closed", DEFAULT_TIMEOUT);
+    let mut c = h.connect();
+    c.send(b"{\"execute\":\"guest-ping\",\"id\":3}\n{\"execute\":\"guest-ping\"}\n");
+    h.pump();
+    assert_eq!(
+        c.reply_str(),
+        "{\"id\": 3, \"error\": {\"class\": \"GenericError\", \"desc\": \"Guest agent is not connected\"}}\n"
+    );
+    assert_eq!(
+        c.reply_str(),
+        "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Guest agent is not connected\"}}\n"
+    );
+    h.open();
+    h.agent.hung = true;
+    c.send(b"{\"execute\":\"guest-ping\"}\n{\"execute\":\"guest-ping\"}\n");
+    h.pump();
+    h.proxy.borrow_mut().port_state(false);
+    h.pump();
+    assert!(c
+        .reply_str()
+        .contains("Guest agent disappeared while executing command"));
+    assert!(c.reply_str().contains("Guest agent is not connected"));
+}
+
+#[test]
+fn no_reply_command_from_a_client_completes_on_port_close() {
+    let mut h = Harness::new("noreply", DEFAULT_TIMEOUT);
+    h.open();
+    let mut c = h.connect();
+    c.send(b"{\"execute\":\"guest-suspend-ram\",\"id\":9}\n");
+    h.pump();
+    assert!(c.nothing_pending());
+    h.proxy.borrow_mut().port_state(false);
+    h.pump();
+    assert_eq!(c.reply_str(), "{\"return\": {}, \"id\": 9}\n");
+    h.open();
+    c.send(b"{\"execute\":\"guest-shutdown\"}\n");
+    h.pump();
+    h.proxy.borrow_mut().vm_event("SHUTDOWN");
+    h.pump();
+    assert_eq!(c.reply_str(), "{\"return\": {}}\n");
+}
+
+#[test]
+fn oversized_client_message_disconnects_only_that_client() {
+    let mut h = Harness::new("big", DEFAULT_TIMEOUT);
+    h.open();
+    let mut good = h.connect();
+    let mut bad = h.connect();
+    assert_eq!(h.clients(), 2);
+    bad.send(b"{\"execute\":\"guest-file-write\",\"arguments\":{\"buf-b64\":\"");
+    bad.flood(b'A', 2 * MAX_REQUEST, || h.pump());
+    h.pump();
+    assert_eq!(h.clients(), 1, "bad client dropped");
+    assert_eq!(h.agent.commands(), ["guest-sync-delimited"]);
+    good.send(b"{\"execute\":\"guest-ping\"}\n");
+    h.pump();
+    assert_eq!(good.reply_str(), "{\"return\": {}}\n");
+}
+
+#[test]
+fn client_disconnecting_mid_request_does_not_break_the_channel() {
+    let mut h = Harness::new("hangup", DEFAULT_TIMEOUT);
+    h.open();
+    let mut gone = h.connect();
+    h.agent.hung = true;
+    gone.send(b"{\"execute\":\"guest-sync\",\"arguments\":{\"id\":1}}\n{\"execute\":\"guest-sync\",\"arguments\":{\"id\":2}}\n{\"execute\":\"guest-pi");
+    h.pump();
+    drop(gone);
+    h.pump();
+    assert_eq!(h.clients(), 0);
+    let mut c = h.connect();
+    c.send(b"{\"execute\":\"guest-sync\",\"arguments\":{\"id\":3}}\n");
+    h.pump();
+    h.agent.release();
+    h.pump();
+    assert_eq!(c.reply_str(), "{\"return\": 3}\n");
+    assert!(c.nothing_pending());
+    assert!(h.proxy.borrow().is_synced());
+}
+
+#[test]
+fn socket_is_owner_only_stale_replaced_live_refused() {
+    let h = Harness::new("perm", DEFAULT_TIMEOUT);
+    let p = h.path.clone();
+    assert_eq!(
+        h.proxy.borrow().socket_filename(),
+        Some(format!("unix:{},server=on", p.display()))
+    );
+    let config = ProxyConfig {
+        socket: Some(p.clone()),
+        timeout: DEFAULT_TIMEOUT,
+    };
+    check_owner_only_socket(
+        &p,
+        h,
+        || AgentProxy::new(config.clone()),
+        |e| matches!(e, ProxyError::InUse(_)),
+    );
+    assert!(proxy(DEFAULT_TIMEOUT).socket_filename().is_none());
+}
