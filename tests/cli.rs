@@ -219,3 +219,45 @@ fn kvm_permission_denied_says_kvm_group() {
     assert_error(&o, "permission denied opening");
     assert_error(&o, "'kvm' group");
 }
+
+/// Errors are printed as one line with each cause once ("top: cause"), whatever
+/// crate they come from: no level repeats what its cause says.
+#[test]
+fn error_chains_say_each_cause_once() {
+    let k = good_kernel("chains");
+    let truncated = temp_file("chains", "truncated.elf", &tiny_elf(&[0u8; 8])[..100]);
+    let cases: [(Vec<&str>, &str); 4] = [
+        (
+            vec!["--qmp", "unix:/nonexistent-dir/q.sock"],
+            "cannot listen on QMP endpoint unix:/nonexistent-dir/q.sock: No such file or directory",
+        ),
+        (
+            vec!["--agent", "unix:/nonexistent-dir/a.sock"],
+            "cannot listen on guest agent socket /nonexistent-dir/a.sock: No such file or directory",
+        ),
+        (
+            vec!["--serial", "file:/nonexistent-dir/console.log"],
+            "cannot open serial output /nonexistent-dir/console.log: No such file or directory",
+        ),
+        (
+            vec!["--initrd", "/nonexistent-dir/initrd.img"],
+            "cannot read initrd /nonexistent-dir/initrd.img: No such file or directory",
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["--kernel", k.as_str()];
+        args.extend(extra);
+        let o = run(&args);
+        assert_error(&o, want);
+        let err = stderr(&o);
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert_eq!(err.matches("No such file").count(), 1, "{err}");
+    }
+    // A foreign error that describes its own causes is not repeated either.
+    let o = run(&["--kernel", truncated.to_str().unwrap(), "--serial", "none"]);
+    assert_error(&o, "cannot load kernel");
+    let err = stderr(&o);
+    let root_cause = err.trim_end().rsplit(": ").next().unwrap_or_default();
+    assert!(!root_cause.is_empty(), "{err}");
+    assert_eq!(err.matches(root_cause).count(), 1, "repeated: {err}");
+}

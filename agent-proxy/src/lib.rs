@@ -189,7 +189,7 @@ pub enum ProxyError {
     #[error("guest agent socket {0} is in use by another process")]
     InUse(PathBuf),
     /// Binding failed.
-    #[error("cannot listen on guest agent socket {path}: {source}")]
+    #[error("cannot listen on guest agent socket {path}")]
     Bind {
         /// The path.
         path: PathBuf,
@@ -198,7 +198,7 @@ pub enum ProxyError {
         source: io::Error,
     },
     /// The timer could not be created.
-    #[error("cannot create the guest agent timer: {0}")]
+    #[error("cannot create the guest agent timer")]
     Timer(#[source] io::Error),
 }
 

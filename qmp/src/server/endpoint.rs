@@ -54,7 +54,7 @@ pub enum ServerError {
     #[error("QMP socket {0} is in use by another process")]
     InUse(PathBuf),
     /// Binding failed.
-    #[error("cannot listen on QMP endpoint {endpoint}: {source}")]
+    #[error("cannot listen on QMP endpoint {endpoint}")]
     Bind {
         /// The endpoint.
         endpoint: String,
