@@ -166,7 +166,7 @@ done
 # shellcheck disable=SC2054 # commas are part of QEMU option values
 qemu_cmd=(qemu-system-x86_64
     -nodefaults -no-user-config
-    -accel tcg,thread=multi -cpu "$l1_cpu"
+    -accel "tcg,thread=${MINIVMM_L1_TCG_THREAD:-multi}" -cpu "$l1_cpu"
     -m "$mem" -smp "$cpus"
     -display none -monitor none -serial stdio -no-reboot
     -pidfile "$work/qemu.pid"

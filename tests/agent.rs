@@ -8,10 +8,11 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use minivmm_tests::{
-    code_print, kvm_available, socket_path, temp_file, tiny_elf, Qmp, Vm, CODE_SPIN,
+    chardev, kvm_available, socket_path, spin_guest, temp_file, tiny_elf, Qmp, Vm, CODE_SPIN,
 };
 use serde_json::{json, Value};
 
@@ -27,29 +28,25 @@ fn agent_line(r: &mut BufReader<UnixStream>) -> Value {
     serde_json::from_str(&l).unwrap()
 }
 
+/// A spinning tiny guest with a QMP socket and an agent socket (and no agent in
+/// the guest), once it printed "boot". Returns the VM and both socket paths.
+fn vm_with_agent_channel(test: &str) -> (Vm, PathBuf, PathBuf) {
+    let k = spin_guest(test);
+    let qmp = socket_path(test);
+    let qga = qmp.with_file_name("vm.qga");
+    let q_spec = format!("unix:{}", qmp.display());
+    let a_spec = format!("unix:{}", qga.display());
+    let mut vm = Vm::spawn(&["--kernel", &k, "--qmp", &q_spec, "--agent", &a_spec]);
+    vm.wait_line(LIMIT, |l| l == "boot");
+    (vm, qmp, qga)
+}
+
 #[test]
 fn agent_socket_without_an_agent_answers_not_connected() {
     if !kvm_available("agent_socket_without_an_agent_answers_not_connected") {
         return;
     }
-    let k = temp_file(
-        "agent-none",
-        "g.elf",
-        &tiny_elf(&[code_print(b"boot\n"), CODE_SPIN.to_vec()].concat()),
-    );
-    let qmp = socket_path("agent-none");
-    let qga = qmp.with_file_name("vm.qga");
-    let q_spec = format!("unix:{}", qmp.display());
-    let a_spec = format!("unix:{}", qga.display());
-    let mut vm = Vm::spawn(&[
-        "--kernel",
-        k.to_str().unwrap(),
-        "--qmp",
-        &q_spec,
-        "--agent",
-        &a_spec,
-    ]);
-    vm.wait_line(LIMIT, |l| l == "boot");
+    let (mut vm, qmp, qga) = vm_with_agent_channel("agent-none");
     let mut q = Qmp::negotiated(&qmp);
     let mode = std::fs::metadata(&qga).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "owner-only agent socket");
@@ -80,14 +77,7 @@ fn agent_socket_without_an_agent_answers_not_connected() {
     q.send("{\"execute\":\"guest-ping\",\"id\":1}\n{\"execute\":\"query-kvm\",\"id\":2}\n");
     assert_eq!(q.reply()["id"], 1);
     assert_eq!(q.reply()["id"], 2);
-    let chardevs = q.cmd(r#"{"execute":"query-chardev"}"#)["return"].clone();
-    let qga0 = chardevs
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["label"] == "qga0")
-        .unwrap()
-        .clone();
+    let qga0 = chardev(&mut q, "qga0");
     assert_eq!(qga0["frontend-open"], false);
     assert_eq!(
         qga0["filename"],
@@ -103,14 +93,10 @@ fn guest_commands_without_agent_option_are_explained() {
     if !kvm_available("guest_commands_without_agent_option_are_explained") {
         return;
     }
-    let k = temp_file(
-        "agent-off",
-        "g.elf",
-        &tiny_elf(&[code_print(b"boot\n"), CODE_SPIN.to_vec()].concat()),
-    );
+    let k = spin_guest("agent-off");
     let qmp = socket_path("agent-off");
     let q_spec = format!("unix:{}", qmp.display());
-    let mut vm = Vm::spawn(&["--kernel", k.to_str().unwrap(), "--qmp", &q_spec]);
+    let mut vm = Vm::spawn(&["--kernel", &k, "--qmp", &q_spec]);
     let mut q = Qmp::negotiated(&qmp);
     let e = q.cmd(r#"{"execute":"guest-ping"}"#);
     assert!(
@@ -139,24 +125,7 @@ fn many_pipelined_agent_commands_all_complete() {
     if !kvm_available("many_pipelined_agent_commands_all_complete") {
         return;
     }
-    let k = temp_file(
-        "agent-pipeline",
-        "g.elf",
-        &tiny_elf(&[code_print(b"boot\n"), CODE_SPIN.to_vec()].concat()),
-    );
-    let qmp = socket_path("agent-pipeline");
-    let qga = qmp.with_file_name("vm.qga");
-    let q_spec = format!("unix:{}", qmp.display());
-    let a_spec = format!("unix:{}", qga.display());
-    let mut vm = Vm::spawn(&[
-        "--kernel",
-        k.to_str().unwrap(),
-        "--qmp",
-        &q_spec,
-        "--agent",
-        &a_spec,
-    ]);
-    vm.wait_line(LIMIT, |l| l == "boot");
+    let (mut vm, qmp, _qga) = vm_with_agent_channel("agent-pipeline");
     let mut q = Qmp::connect(&qmp);
     q.set_read_timeout(LIMIT);
     const N: usize = 70;

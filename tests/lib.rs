@@ -8,7 +8,7 @@ use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 
 mod qmp_support;
-pub use qmp_support::{qmp_vm, query_status, vcpu_tids, Qmp, QmpVm};
+pub use qmp_support::{chardev, qmp_vm, query_status, vcpu_tids, Qmp, QmpVm};
 use std::time::{Duration, Instant};
 
 /// Repository root.

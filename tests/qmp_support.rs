@@ -157,3 +157,13 @@ pub fn vcpu_tids(q: &mut Qmp) -> Vec<i64> {
         .filter_map(|c| c["thread-id"].as_i64())
         .collect()
 }
+
+/// The `query-chardev` entry labelled `label`.
+pub fn chardev(q: &mut Qmp, label: &str) -> serde_json::Value {
+    let r = q.cmd(r#"{"execute":"query-chardev"}"#);
+    r["return"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["label"] == label))
+        .unwrap_or_else(|| panic!("no chardev {label} in {r}"))
+        .clone()
+}

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use minivmm_tests::{images_dir, real_guest_available, Vm};
+use minivmm_tests::{chardev, images_dir, real_guest_available, Vm};
 
 /// Safety bound for one boot in a nested (TCG-emulated L1) run; boots take ~10 s.
 const BOOT: Duration = Duration::from_secs(240);
@@ -570,14 +570,7 @@ fn real_qemu_ga_through_the_agent_socket_and_qmp() {
         a.cmd(r#"{"execute":"guest-ping"}"#)["error"]["desc"],
         "Guest agent is not connected"
     );
-    let chardev = q.cmd(r#"{"execute":"query-chardev"}"#)["return"].clone();
-    let qga0 = chardev
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["label"] == "qga0")
-        .unwrap()
-        .clone();
+    let qga0 = chardev(&mut q, "qga0");
     assert_eq!(qga0["frontend-open"], false);
     assert_eq!(
         q.wait_event("VSERPORT_CHANGE")["data"],

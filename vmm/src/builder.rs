@@ -1,8 +1,9 @@
 //! Builds a VM from its [`VmConfig`]: KVM VM and irqchip, guest memory, kernel,
 //! initrd and command line, devices and their buses, ACPI tables, vcpus.
 //!
-//! A reboot builds a fresh VM from the same config; only the [`Backends`] (the
-//! KVM handle, the serial console's host side, the lifecycle eventfds) survive.
+//! A reboot builds a fresh VM from the same config; only what is [`Persistent`]
+//! (the KVM handle, the supported CPUID, the serial console's host side, the
+//! lifecycle eventfds) survives it.
 
 use std::ffi::{CString, NulError};
 use std::fs::{File, OpenOptions};
@@ -210,8 +211,8 @@ pub fn open_kvm() -> Result<Kvm, BuildError> {
     Ok(kvm)
 }
 
-/// What survives a reboot.
-pub struct Backends {
+/// What survives a reboot (a rebuild of the VM): host-side state, never guest state.
+pub struct Persistent {
     kvm: Kvm,
     cpuid: CpuId,
     /// Lifecycle eventfds shared with the vcpus and devices.
@@ -224,7 +225,7 @@ pub struct Backends {
     serial_out: SharedWriter,
 }
 
-impl Backends {
+impl Persistent {
     /// Opens KVM and the serial console's host side.
     pub fn new(cfg: &VmConfig) -> Result<Self, BuildError> {
         let kvm = open_kvm()?;
@@ -464,7 +465,7 @@ fn kernel_cmdline(user: &str, with_devices: bool, device_entries: &[String]) -> 
 }
 
 /// Builds the VM described by `cfg` and starts its vcpus, parked if `paused`.
-pub fn build_vm(cfg: &VmConfig, b: &Backends, paused: bool) -> Result<Vm, BuildError> {
+pub fn build_vm(cfg: &VmConfig, b: &Persistent, paused: bool) -> Result<Vm, BuildError> {
     let vm = create_vm(&b.kvm)?;
     let mem = memory::create_guest_memory(cfg.memory)?;
     register_memory(&vm, &mem)?;

@@ -20,7 +20,7 @@ use qmp::protocol::greeting;
 use qmp::server::{QmpServer, ServerError};
 
 use crate::agent::AgentLink;
-use crate::builder::{self, Backends as Persistent, BuildError};
+use crate::builder::{self, BuildError, Persistent};
 use crate::config::{SerialBackend, VmConfig};
 use crate::console::ConsoleInput;
 use crate::machine::Input;

@@ -24,6 +24,12 @@ fn ok(m: &mut Machine, i: Input) -> Vec<Effect> {
     m.handle(i).expect("accepted")
 }
 
+/// `cont` from a stopped state: the vcpus resume, RESUME, state running.
+fn cont_resumes(m: &mut Machine) {
+    assert_eq!(ok(m, Input::Cont), vec![Resume, Emit(QmpEvent::Resume)]);
+    assert_eq!(m.state(), RunState::Running);
+}
+
 fn shutdown(c: Cause) -> Effect {
     Emit(QmpEvent::Shutdown(c))
 }
@@ -42,11 +48,7 @@ fn stop_and_cont() {
     assert_eq!(m.state(), RunState::Paused);
     // Idempotent: no second STOP.
     assert_eq!(ok(&mut m, Input::Stop), vec![]);
-    assert_eq!(
-        ok(&mut m, Input::Cont),
-        vec![Resume, Emit(QmpEvent::Resume)]
-    );
-    assert_eq!(m.state(), RunState::Running);
+    cont_resumes(&mut m);
     assert_eq!(ok(&mut m, Input::Cont), vec![], "cont while running");
 }
 
@@ -55,11 +57,7 @@ fn prelaunch_cont_starts_and_stop_does_nothing() {
     let mut m = machine(false, false, true);
     assert_eq!(ok(&mut m, Input::Stop), vec![]);
     assert_eq!(m.state(), RunState::Prelaunch);
-    assert_eq!(
-        ok(&mut m, Input::Cont),
-        vec![Resume, Emit(QmpEvent::Resume)]
-    );
-    assert_eq!(m.state(), RunState::Running);
+    cont_resumes(&mut m);
 }
 
 #[test]
@@ -205,11 +203,7 @@ fn stopped_guest_needs_a_reset() {
             ]
         );
         assert_eq!(m.state(), RunState::Prelaunch);
-        assert_eq!(
-            ok(&mut m, Input::Cont),
-            vec![Resume, Emit(QmpEvent::Resume)]
-        );
-        assert_eq!(m.state(), RunState::Running);
+        cont_resumes(&mut m);
     }
 }
 

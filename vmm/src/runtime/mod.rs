@@ -12,7 +12,7 @@ use agent_proxy::AgentProxy;
 use qmp::protocol::QmpError;
 use qmp::server::ChardevInfo;
 
-use crate::builder::{self, AgentPort, Backends as Persistent, BuildError, Vm};
+use crate::builder::{self, AgentPort, BuildError, Persistent, Vm};
 use crate::config::VmConfig;
 use crate::error::error_chain;
 use crate::machine::{Effect, Input, Machine, Outcome, Policy, RunState};
