@@ -572,7 +572,7 @@ WORK="$OUT/work"
 mkdir -p "$DEBS" "$WORK" "$OUT/l1"
 
 cloud_pkg=$(resolve_dep linux-image-cloud-amd64)
-generic_pkg=$(resolve_dep linux-image-amd64)
+generic_pkg=${MINIVMM_L1_KERNEL_PKG:-$(resolve_dep linux-image-amd64)}
 log "cloud kernel package: $cloud_pkg; L1 kernel package: $generic_pkg"
 
 cloud_deb=$(fetch_deb "$cloud_pkg")

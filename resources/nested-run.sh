@@ -18,7 +18,8 @@
 #   MINIVMM_IMAGES        image dir (default <repo>/target/images); built by
 #                         resources/build-images.sh if needed
 #   MINIVMM_L1_MEM        L1 memory in MiB (default 8192)
-#   MINIVMM_L1_CPUS       L1 vCPUs (default 2)
+#   MINIVMM_L1_CPUS       L1 vCPUs (default 1; see below)
+#   MINIVMM_L1_RETRIES    reruns after an L1 kernel crash (default 2)
 #   MINIVMM_NESTED_RW     colon-separated absolute host dirs to share
 #                         read-write into L1 at the same path (e.g. the cargo
 #                         target dir if CMD must write there)
@@ -64,7 +65,10 @@ for f in "$OUT/l1/vmlinuz" "$OUT/l1/initrd.img"; do
 done
 
 mem=${MINIVMM_L1_MEM:-8192}
-cpus=${MINIVMM_L1_CPUS:-2}
+# One vCPU by default: with two, L1's kernel crashed in 4 of 5 runs of the
+# real-guest tests (see the retry note below); with one, none did, at about the
+# same speed (most time goes to TCG translating L2, which one thread does).
+cpus=${MINIVMM_L1_CPUS:-1}
 [[ "$mem" =~ ^[0-9]+$ ]] || die "MINIVMM_L1_MEM must be a number of MiB, got '$mem'"
 [[ "$cpus" =~ ^[0-9]+$ ]] || die "MINIVMM_L1_CPUS must be a number, got '$cpus'"
 
@@ -176,28 +180,54 @@ qemu_cmd=(qemu-system-x86_64
     "${rw_args[@]}"
     -append "$append")
 
-log "booting L1 VM (TCG, ${mem} MiB, $cpus vCPUs) to run: $*"
-start=$(date +%s)
-# Background + wait, so that the signal traps run promptly. The console is
-# streamed to stdout (CRs stripped) and saved for parsing.
-"${qemu_cmd[@]}" </dev/null | sed -u 's/\r$//' | tee "$work/console.log" &
-pipe_pid=$!
-wait "$pipe_pid" || true
-pipe_pid=
-elapsed=$(($(date +%s) - start))
+# One boot of L1; sets $status (empty if L1 reported none) and $elapsed.
+boot_l1() {
+    rm -f "$work/exit-status" "$work/console.log"
+    log "booting L1 VM (TCG, ${mem} MiB, $cpus vCPUs) to run: $*"
+    local start
+    start=$(date +%s)
+    # Background + wait, so that the signal traps run promptly. The console is
+    # streamed to stdout (CRs stripped) and saved for parsing.
+    "${qemu_cmd[@]}" </dev/null | sed -u 's/\r$//' | tee "$work/console.log" &
+    pipe_pid=$!
+    wait "$pipe_pid" || true
+    pipe_pid=
+    elapsed=$(($(date +%s) - start))
+    status=
+    if [[ -s "$work/exit-status" ]]; then
+        status=$(tr -dc '0-9' <"$work/exit-status")
+    fi
+    if [[ -z "$status" ]]; then
+        status=$(tr -d '\r' <"$work/console.log" | grep -ao 'MINIVMM-NESTED-EXIT=[0-9]*' | tail -n1 | cut -d= -f2) || true
+    fi
+}
 
-status=
-if [[ -s "$work/exit-status" ]]; then
-    status=$(tr -dc '0-9' <"$work/exit-status")
-fi
-if [[ -z "$status" ]]; then
-    status=$(tr -d '\r' <"$work/console.log" | grep -ao 'MINIVMM-NESTED-EXIT=[0-9]*' | tail -n1 | cut -d= -f2) || true
-fi
-if [[ -z "$status" ]]; then
+# L1's own kernel sometimes crashes while it runs a KVM guest under QEMU's TCG
+# emulation of SVM (a kernel stack overflow in a vcpu thread: "BUG: TASK stack
+# guard page was hit" / "corrupted stack end detected inside scheduler"; see
+# resources/README.md). That is a failure of the emulated L1 machine, not of
+# the command: when L1 panics without reporting an exit status, the whole
+# command is run again in a fresh L1, at most MINIVMM_L1_RETRIES times
+# (default 2), each time with a loud line. A command that fails is never rerun.
+retries=${MINIVMM_L1_RETRIES:-2}
+[[ "$retries" =~ ^[0-9]+$ ]] || die "MINIVMM_L1_RETRIES must be a number, got '$retries'"
+attempt=0
+while :; do
+    boot_l1 "$@"
+    [[ -n "$status" ]] && break
+    if ((attempt < retries)) && grep -aqE 'Kernel panic - not syncing|BUG: TASK stack guard page' "$work/console.log"; then
+        attempt=$((attempt + 1))
+        cp "$work/console.log" "$work/console.crash$attempt.log"
+        log "WARNING: the L1 kernel crashed after ${elapsed}s (console kept: $work/console.crash$attempt.log);" \
+            "running the command again in a fresh L1 (retry $attempt of $retries)"
+        keep=1
+        continue
+    fi
     keep=1
     log "error: the L1 VM exited after ${elapsed}s without reporting the command's exit status" \
         "(crashed, killed or failed to boot); console log: $work/console.log"
     exit "$EXIT_FAIL"
-fi
+done
+((attempt == 0)) || log "WARNING: the command needed $attempt L1 retries after L1 kernel crashes"
 log "L1 VM finished in ${elapsed}s; command exit status $status"
 exit "$status"

@@ -3,6 +3,9 @@
 #
 # Usage: resources/run-tests.sh
 #
+# 0. installs what the tests need and is missing (Debian packages with apt-get,
+#    the qemu.qmp Python module with pip), so a fresh Debian machine needs no
+#    manual step;
 # 1. builds the guest images (resources/build-images.sh; cached);
 # 2. with hardware KVM (vmx/svm): `cargo test --workspace` runs everything: unit
 #    tests, CLI tests, lifecycle tests with hand-made guests, real-guest tests;
@@ -15,6 +18,26 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 hardware_kvm() { grep -qwE 'vmx|svm' /proc/cpuinfo && [[ -e /dev/kvm ]]; }
+
+# What the tests use: QEMU (the nested runner's L1 VM), busybox/cpio/kmod/lz4
+# (guest images), socat (the socat tests), and the qemu.qmp library.
+export DEBIAN_FRONTEND=noninteractive
+need=()
+for p in qemu-system-x86 busybox-static cpio kmod lz4 socat; do
+    dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+if ((${#need[@]})); then
+    [[ $(id -u) -eq 0 ]] || { echo "run-tests: missing packages ${need[*]}; run as root or install them" >&2; exit 1; }
+    echo "run-tests: installing ${need[*]}"
+    apt-get update -qq
+    apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if ! python3 -c 'import qemu.qmp' 2>/dev/null; then
+    echo "run-tests: installing the qemu.qmp Python module"
+    python3 -m pip install -q qemu.qmp 2>/dev/null ||
+        python3 -m pip install -q --break-system-packages qemu.qmp
+fi
 
 resources/build-images.sh
 

@@ -197,6 +197,54 @@ fn lflag(f: &std::fs::File) -> libc::tcflag_t {
 }
 
 #[test]
+fn ctrl_a_x_works_when_the_guest_never_reads_its_uart() {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    if !kvm_available("ctrl_a_x_works_when_the_guest_never_reads_its_uart") {
+        return;
+    }
+    // The guest never reads COM1: its receive FIFO fills after a few bytes.
+    let k = tiny_guest("pty-full", &[&code_print(b"guest-up\n"), &CODE_SPIN]);
+    let mut pty = open_pty();
+    let io = || Stdio::from(pty.slave.try_clone().unwrap());
+    let mut child = minivmm_tests::minivmm(&["--kernel", &k])
+        .stdin(io())
+        .stdout(io())
+        .stderr(io())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("guest-up") {
+        let n = pty.master.read(&mut buf).expect("read pty");
+        assert!(n > 0);
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // 64 KiB of keystrokes the guest never takes, then Ctrl-A x, from another
+    // thread (a VMM that stopped reading would block this write forever).
+    let mut w = pty.master.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let _ = w.write_all(&[b'a'; 64 * 1024]);
+        let _ = w.write_all(b"\x01x");
+    });
+    // Keep reading the terminal (the VMM's log line about dropped input).
+    let mut r = pty.master.try_clone().unwrap();
+    std::thread::spawn(move || while matches!(r.read(&mut [0u8; 4096]), Ok(n) if n > 0) {});
+    let deadline = std::time::Instant::now() + LIMIT;
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("Ctrl-A x was not seen behind input the guest does not read");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(st.code(), Some(0));
+}
+
+#[test]
 fn terminal_console_raw_mode_escape_keys_and_restore() {
     use std::io::{Read, Write};
     use std::process::Stdio;

@@ -226,6 +226,38 @@ fn endpoints_tcp_permissions_stale_and_live_sockets() {
 }
 
 #[test]
+fn only_stale_sockets_are_replaced() {
+    if !kvm_available("only_stale_sockets_are_replaced") {
+        return;
+    }
+    let k = spin_guest("notasocket");
+    let dir = socket_path("notasocket").parent().unwrap().to_path_buf();
+    let notes = dir.join("notes.txt");
+    std::fs::write(&notes, "my notes\n").unwrap();
+    let subdir = dir.join("subdir");
+    std::fs::create_dir_all(&subdir).unwrap();
+    for (flag, path, what) in [
+        ("--qmp", &notes, "a regular file"),
+        ("--agent", &notes, "a regular file"),
+        ("--qmp", &subdir, "a directory"),
+        ("--agent", &subdir, "a directory"),
+    ] {
+        let ep = format!("unix:{}", path.display());
+        let o = minivmm_tests::minivmm(&["--kernel", &k, flag, &ep])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{flag} {ep}: {err}");
+        assert!(
+            err.contains(&format!("it is {what}, which is left untouched")),
+            "{flag} {ep}: {err}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "my notes\n");
+    assert!(subdir.is_dir());
+}
+
+#[test]
 fn misbehaving_clients_do_not_block_the_vm() {
     if !kvm_available("misbehaving_clients_do_not_block_the_vm") {
         return;

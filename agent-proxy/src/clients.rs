@@ -32,6 +32,11 @@ impl Session for AgentSession {
     fn wants_input(&self) -> bool {
         self.outstanding < MAX_OUTSTANDING_PER_CLIENT
     }
+
+    /// Replies still to come keep a half-closed client connected.
+    fn busy(&self) -> bool {
+        self.outstanding > 0
+    }
 }
 
 /// Unread replies a client may leave before it is disconnected: the largest
@@ -86,6 +91,7 @@ impl AgentProxy {
                     no_reply: name.is_some_and(|n| NO_REPLY_COMMANDS.contains(&n)),
                     wire: wire::to_request_wire(&v),
                     id: req_id,
+                    deadline: self.new_deadline(),
                 };
                 if let Some(c) = self.clients.get_mut(id) {
                     c.state.outstanding += 1;

@@ -125,6 +125,9 @@ pub const MAX_REQUEST: usize = qmp::stream::DEFAULT_MAX_MESSAGE;
 pub const MAX_REPLY: usize = (64 << 20) + (64 << 10);
 /// Default for `--agent-timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest timeout: longer ones are cut to this (`u32::MAX` seconds, 136 years;
+/// deadlines must stay representable).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(u32::MAX as u64);
 /// Requests (and local replies) a socket client may have outstanding before the
 /// proxy stops reading from it.
 pub const MAX_OUTSTANDING_PER_CLIENT: usize = 16;
@@ -188,6 +191,14 @@ pub enum ProxyError {
     /// Another process serves this socket.
     #[error("guest agent socket {0} is in use by another process")]
     InUse(PathBuf),
+    /// Something other than a socket is at the path.
+    #[error("cannot listen on guest agent socket {path}: it is {what}, which is left untouched (only a stale socket is replaced)")]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+        /// What is there ("a regular file").
+        what: &'static str,
+    },
     /// Binding failed.
     #[error("cannot listen on guest agent socket {path}")]
     Bind {
@@ -222,6 +233,10 @@ pub struct AgentProxy {
 fn bind_unix(path: &Path) -> Result<Listener, ProxyError> {
     Listener::unix(path).map_err(|e| match e {
         UnixBindError::InUse => ProxyError::InUse(path.into()),
+        UnixBindError::NotASocket(what) => ProxyError::NotASocket {
+            path: path.into(),
+            what,
+        },
         UnixBindError::Io(source) => ProxyError::Bind {
             path: path.into(),
             source,
@@ -250,7 +265,7 @@ impl AgentProxy {
         let timer = TimerFd::new().map_err(|e| ProxyError::Timer(e.into()))?;
         set_nonblocking(timer.as_raw_fd()).map_err(ProxyError::Timer)?;
         Ok(Self {
-            timeout: cfg.timeout,
+            timeout: cfg.timeout.min(MAX_TIMEOUT),
             listener,
             clients: clients::new_set(MAX_REPLY),
             channel: Channel::Closed,

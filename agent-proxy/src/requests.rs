@@ -25,6 +25,9 @@ pub(crate) struct Request {
     pub(crate) id: Option<Value>,
     /// A command without success reply.
     pub(crate) no_reply: bool,
+    /// When it fails if unanswered: its submission plus the timeout, whether it
+    /// is still queued or in flight by then.
+    pub(crate) deadline: Instant,
 }
 
 #[derive(Debug)]
@@ -40,7 +43,6 @@ pub(crate) enum Work {
 #[derive(Debug)]
 pub(crate) struct InFlight {
     pub(crate) req: Request,
-    pub(crate) deadline: Instant,
 }
 
 /// "30", "0.2": seconds as in the timeout error.
@@ -75,6 +77,7 @@ impl AgentProxy {
             no_reply: NO_REPLY_COMMANDS.contains(&name),
             wire: wire::to_request_wire(&Value::Object(m)),
             id: None,
+            deadline: self.new_deadline(),
         };
         self.queue.push_back(Work::Forward(req));
         self.pump();
@@ -117,10 +120,7 @@ impl AgentProxy {
                 Some(Work::Local { client, bytes }) => self.client_output(client, &bytes, true),
                 Some(Work::Forward(req)) => {
                     self.to_guest.extend_from_slice(&req.wire);
-                    self.in_flight = Some(InFlight {
-                        req,
-                        deadline: Instant::now() + self.timeout,
-                    });
+                    self.in_flight = Some(InFlight { req });
                 }
                 None => break,
             }
@@ -163,14 +163,41 @@ impl AgentProxy {
 
     // ---- time -------------------------------------------------------------
 
+    /// The deadline of a request submitted now.
+    pub(crate) fn new_deadline(&self) -> Instant {
+        // The timeout is at most `MAX_TIMEOUT`, so this cannot overflow.
+        Instant::now() + self.timeout
+    }
+
+    /// The next time something times out: the request in flight, the oldest
+    /// queued request (the queue is in submission order, so its first request
+    /// has the earliest deadline), or the sync in progress.
     pub(crate) fn deadline(&self) -> Option<Instant> {
-        if let Some(f) = &self.in_flight {
-            return Some(f.deadline);
-        }
-        match self.channel {
-            Channel::Syncing { deadline, .. } => Some(deadline),
+        let in_flight = self.in_flight.as_ref().map(|f| f.req.deadline);
+        let queued = self.queue.iter().find_map(|w| match w {
+            Work::Forward(r) => Some(r.deadline),
+            Work::Local { .. } => None,
+        });
+        let sync = match self.channel {
+            Channel::Syncing { deadline, .. } if self.in_flight.is_none() => Some(deadline),
             _ => None,
+        };
+        [in_flight, queued, sync].into_iter().flatten().min()
+    }
+
+    /// Fails every queued request whose deadline has passed (in queue order, so
+    /// each client's replies keep their order).
+    fn expire_queued(&mut self, now: Instant, desc: &str) {
+        let mut kept = std::collections::VecDeque::with_capacity(self.queue.len());
+        while let Some(w) = self.queue.pop_front() {
+            match w {
+                Work::Forward(req) if req.deadline <= now => {
+                    self.complete(req, Err(AgentError::generic(desc)));
+                }
+                w => kept.push_back(w),
+            }
         }
+        self.queue = kept;
     }
 
     pub(crate) fn update_timer(&mut self) {
@@ -206,22 +233,20 @@ impl AgentProxy {
         self.timer_deadline = None;
         let now = Instant::now();
         let what = seconds(self.timeout);
-        if self.in_flight.as_ref().is_some_and(|f| f.deadline <= now) {
+        let desc = format!("Guest agent did not respond within {what} seconds");
+        if self.in_flight.as_ref().is_some_and(|f| f.req.deadline <= now) {
             if let Some(f) = self.in_flight.take() {
                 log::warn!("the guest agent did not answer within {what} s: resynchronising");
-                let e = format!("Guest agent did not respond within {what} seconds");
-                self.complete(f.req, Err(AgentError::generic(e)));
+                self.complete(f.req, Err(AgentError::generic(&desc)));
                 self.resync();
             }
         } else if let Channel::Syncing { deadline, .. } = self.channel {
             if deadline <= now && self.in_flight.is_none() {
                 log::warn!("the guest agent did not answer guest-sync-delimited within {what} s");
-                self.fail_queued(&format!(
-                    "Guest agent did not respond within {what} seconds"
-                ));
                 self.resync();
             }
         }
+        self.expire_queued(now, &desc);
         self.pump();
         self.update_timer();
     }

@@ -8,6 +8,7 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod i8042;
+pub mod output;
 pub mod power_button;
 pub mod pvpanic;
 pub mod serial;

@@ -1,13 +1,13 @@
 //! 16550A UART (COM1) built on vm-superio's [`vm_superio::Serial`].
 //!
-//! Output goes to a shared writer (stdout, a file or nowhere). Input is pushed by the
+//! Output goes to a [`GuestOutput`] (stdout, a file or nowhere; bounded and
+//! written off the vcpu thread, so the guest never waits for the host). Input is pushed by the
 //! VMM thread with [`SerialDevice::enqueue_input`], which only accepts what fits in
 //! the receive FIFO; when the guest drains the FIFO the device signals
 //! `input_ready` so the VMM resumes reading its input source (back-pressure instead
 //! of dropped keystrokes).
 
-use std::io::{self, Write};
-use std::sync::{Arc, Mutex};
+use std::io;
 
 use acpi_tables::{aml, Aml, AmlSink};
 use vm_superio::serial::SerialEvents;
@@ -15,6 +15,7 @@ use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+use crate::output::GuestOutput;
 use crate::EventFdTrigger;
 
 /// I/O port base of COM1.
@@ -23,50 +24,6 @@ pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_PORT_LEN: u16 = 8;
 /// Legacy IRQ (and GSI) of COM1.
 pub const COM1_IRQ: u32 = 4;
-
-/// A cloneable, thread-safe writer: every clone writes to the same sink.
-///
-/// The first write error (say, the reader of a pipe went away) is logged once;
-/// after it guest output is discarded instead of failing every byte.
-#[derive(Clone)]
-pub struct SharedWriter(Arc<Mutex<WriterState>>);
-
-struct WriterState {
-    out: Box<dyn Write + Send>,
-    broken: bool,
-}
-
-impl SharedWriter {
-    /// Wraps a writer.
-    pub fn new(out: Box<dyn Write + Send>) -> Self {
-        Self(Arc::new(Mutex::new(WriterState { out, broken: false })))
-    }
-
-    fn with<T>(&self, f: impl FnOnce(&mut dyn Write) -> io::Result<T>) -> io::Result<Option<T>> {
-        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if s.broken {
-            return Ok(None);
-        }
-        match f(&mut *s.out) {
-            Ok(v) => Ok(Some(v)),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
-            Err(e) => {
-                s.broken = true;
-                log::warn!("serial output failed ({e}); discarding further guest output");
-                Ok(None)
-            }
-        }
-    }
-}
-
-impl Write for SharedWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        Ok(self.with(|w| w.write(buf))?.unwrap_or(buf.len()))
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.with(|w| w.flush()).map(|_| ())
-    }
-}
 
 /// Serial events: tells the VMM thread when the guest emptied the receive FIFO.
 pub struct InputReady(EventFd);
@@ -86,13 +43,13 @@ impl SerialEvents for InputReady {
 
 /// COM1 as seen by the guest.
 pub struct SerialDevice {
-    uart: Serial<EventFdTrigger, InputReady, SharedWriter>,
+    uart: Serial<EventFdTrigger, InputReady, GuestOutput>,
 }
 
 impl SerialDevice {
     /// A UART raising `interrupt` (an irqfd for IRQ 4), writing to `out`, and
     /// signalling `input_ready` whenever its receive FIFO becomes empty.
-    pub fn new(interrupt: EventFdTrigger, input_ready: EventFd, out: SharedWriter) -> Self {
+    pub fn new(interrupt: EventFdTrigger, input_ready: EventFd, out: GuestOutput) -> Self {
         Self {
             uart: Serial::with_events(interrupt, InputReady(input_ready), out),
         }
@@ -162,6 +119,9 @@ impl Aml for SerialAml {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
 
     struct Capture(Arc<Mutex<Vec<u8>>>);
     impl Write for Capture {
@@ -174,16 +134,17 @@ mod tests {
         }
     }
 
-    fn device() -> (SerialDevice, EventFd, EventFd, Arc<Mutex<Vec<u8>>>) {
+    fn device() -> (SerialDevice, EventFd, EventFd, Arc<Mutex<Vec<u8>>>, GuestOutput) {
         let irq = EventFd::new(libc_nonblock()).unwrap();
         let ready = EventFd::new(libc_nonblock()).unwrap();
         let out = Arc::new(Mutex::new(Vec::new()));
+        let host = GuestOutput::new(Box::new(Capture(out.clone())), 4096).unwrap();
         let dev = SerialDevice::new(
             EventFdTrigger::new(irq.try_clone().unwrap()),
             ready.try_clone().unwrap(),
-            SharedWriter::new(Box::new(Capture(out.clone()))),
+            host.clone(),
         );
-        (dev, irq, ready, out)
+        (dev, irq, ready, out, host)
     }
 
     fn libc_nonblock() -> i32 {
@@ -193,16 +154,17 @@ mod tests {
 
     #[test]
     fn guest_writes_reach_the_output() {
-        let (mut dev, _irq, _ready, out) = device();
+        let (mut dev, _irq, _ready, out, host) = device();
         for b in b"hi\n" {
             dev.write(COM1_PORT as u64, 0, &[*b]);
         }
+        assert!(host.drain(Instant::now() + Duration::from_secs(10)));
         assert_eq!(&*out.lock().unwrap(), b"hi\n");
     }
 
     #[test]
     fn input_is_bounded_by_the_fifo_and_signals_when_drained() {
-        let (mut dev, _irq, ready, _out) = device();
+        let (mut dev, _irq, ready, _out, _host) = device();
         let big = vec![b'x'; 1000];
         let n = dev.enqueue_input(&big).unwrap();
         assert!(n > 0 && n < big.len(), "accepted {n}");
@@ -217,31 +179,14 @@ mod tests {
         assert_eq!(dev.input_room(), n);
     }
 
-    struct Broken;
-    impl Write for Broken {
-        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
-            Err(io::Error::from(io::ErrorKind::BrokenPipe))
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn broken_output_is_discarded_after_the_first_error() {
-        let mut w = SharedWriter::new(Box::new(Broken));
-        assert_eq!(w.write(b"abc").unwrap(), 3);
-        assert_eq!(w.write(b"de").unwrap(), 2);
-        w.flush().unwrap();
-    }
-
     #[test]
     fn odd_sized_accesses_are_ignored() {
-        let (mut dev, _irq, _ready, out) = device();
+        let (mut dev, _irq, _ready, out, host) = device();
         dev.write(0, 0, &[1, 2]);
         let mut b = [0u8; 2];
         dev.read(0, 0, &mut b);
         assert_eq!(b, [0xff, 0xff]);
+        assert!(host.drain(Instant::now() + Duration::from_secs(10)));
         assert!(out.lock().unwrap().is_empty());
     }
 

@@ -5,6 +5,7 @@
 use std::cell::RefCell;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::time::Instant;
 
 use agent_proxy::AgentProxy;
 use event_manager::{
@@ -15,7 +16,7 @@ use qmp::server::QmpServer;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::AgentPort;
-use crate::qmp_event::QmpEvent;
+use crate::qmp_event::{QmpEvent, Throttle, PORT_EVENT_PERIOD};
 use crate::runtime::Runtime;
 
 /// Watches the port's queue eventfds (KVM ioeventfds) and runs the device.
@@ -62,7 +63,13 @@ impl MutEventSubscriber for AgentQueues {
 /// Moves bytes and open/close changes between the port and the proxy; the
 /// guest's open/close become `VSERPORT_CHANGE` events. Returns whether anything
 /// moved.
-fn exchange(port: &AgentPort, proxy: &mut AgentProxy, open: &mut bool, rt: &mut Runtime) -> bool {
+fn exchange(
+    port: &AgentPort,
+    proxy: &mut AgentProxy,
+    open: &mut bool,
+    events: &mut Throttle,
+    rt: &mut Runtime,
+) -> bool {
     let mut t = port.lock().unwrap_or_else(|e| e.into_inner());
     let changes = t.device_mut().take_port_changes();
     let data = t.device_mut().take_from_guest();
@@ -70,7 +77,9 @@ fn exchange(port: &AgentPort, proxy: &mut AgentProxy, open: &mut bool, rt: &mut 
     for ch in changes {
         if ch != *open {
             *open = ch;
-            rt.emit(QmpEvent::AgentPort { open: ch });
+            if let Some(ev) = events.offer(QmpEvent::AgentPort { open: ch }, Instant::now()) {
+                rt.emit(ev);
+            }
         }
         if ch {
             // Bytes read before the open belong to the previous session.
@@ -107,6 +116,8 @@ pub struct AgentLink {
     attached: Option<(u64, SubscriberId)>,
     /// Whether the guest has the port open.
     open: bool,
+    /// `VSERPORT_CHANGE` rate limit.
+    port_events: Throttle,
 }
 
 impl AgentLink {
@@ -121,7 +132,13 @@ impl AgentLink {
             proxy_id,
             attached: None,
             open: false,
+            port_events: Throttle::new(PORT_EVENT_PERIOD),
         }
+    }
+
+    /// When a rate-limited `VSERPORT_CHANGE` is due ([`Self::round`] emits it).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.port_events.deadline()
     }
 
     /// Follows the current VM's port (a rebuilt VM has a new one, and the guest
@@ -142,7 +159,10 @@ impl AgentLink {
             if self.open {
                 self.open = false;
                 self.proxy.borrow_mut().port_state(false);
-                rt.emit(QmpEvent::AgentPort { open: false });
+                let ev = QmpEvent::AgentPort { open: false };
+                if let Some(ev) = self.port_events.offer(ev, Instant::now()) {
+                    rt.emit(ev);
+                }
                 moved = true;
             }
             if let Some((g, p)) = &port {
@@ -153,7 +173,12 @@ impl AgentLink {
             }
         }
         if let Some((_, p)) = &port {
-            moved |= exchange(p, &mut self.proxy.borrow_mut(), &mut self.open, rt);
+            let proxy = &mut self.proxy.borrow_mut();
+            moved |= exchange(p, proxy, &mut self.open, &mut self.port_events, rt);
+        }
+        if let Some(ev) = self.port_events.due(Instant::now()) {
+            rt.emit(ev);
+            moved = true;
         }
         moved
     }

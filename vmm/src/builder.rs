@@ -15,7 +15,8 @@ use devices::acpi_pm::{AcpiPmAml, AcpiPmDevice, PM_PORT, PM_PORT_LEN};
 use devices::i8042::{I8042Aml, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT};
 use devices::power_button::{PowerButton, PowerButtonAml, GED_GSI};
 use devices::pvpanic::{PvPanic, PvPanicAml, PVPANIC_PORT};
-use devices::serial::{SerialAml, SerialDevice, SharedWriter, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+use devices::output::{GuestOutput, Undelivered, OUTPUT_BUFFER};
+use devices::serial::{SerialAml, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use devices::virtio::console::Console;
 use devices::virtio::mmio::MmioTransport;
 use devices::EventFdTrigger;
@@ -114,6 +115,9 @@ pub enum BuildError {
     /// An eventfd could not be created or duplicated.
     #[error("cannot create an eventfd")]
     EventFd(#[source] io::Error),
+    /// The console output thread could not be started.
+    #[error("cannot start the console output thread")]
+    OutputThread(#[source] io::Error),
     /// The vcpu threads could not be started.
     #[error(transparent)]
     Vcpus(#[from] VcpuError),
@@ -222,7 +226,7 @@ pub struct Persistent {
     /// Fires when the guest drained COM1's receive FIFO.
     pub serial_input_ready: EventFd,
     serial_irq: EventFd,
-    serial_out: SharedWriter,
+    serial_out: GuestOutput,
 }
 
 impl Persistent {
@@ -230,12 +234,15 @@ impl Persistent {
     pub fn new(cfg: &VmConfig) -> Result<Self, BuildError> {
         let kvm = open_kvm()?;
         let cpuid = cpu::supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let out: Box<dyn io::Write + Send> = match &cfg.serial {
+        let sink: Box<dyn io::Write + Send> = match &cfg.serial {
             SerialBackend::Stdio => Box::new(io::stdout()),
             SerialBackend::None => Box::new(io::sink()),
             SerialBackend::File(path) => Box::new(open_serial_file(path)?),
         };
-        let serial_out = SharedWriter::new(out);
+        let serial_out = match cfg.serial {
+            SerialBackend::None => GuestOutput::sink(),
+            _ => GuestOutput::new(sink, OUTPUT_BUFFER).map_err(BuildError::OutputThread)?,
+        };
         let serial_irq = new_eventfd()?;
         let serial_input_ready = new_eventfd()?;
         let serial = new_serial(&serial_irq, &serial_input_ready, &serial_out)?;
@@ -257,9 +264,10 @@ impl Persistent {
         Ok(())
     }
 
-    /// Flushes the console output.
-    pub fn flush_serial(&self) {
-        let _ = io::Write::flush(&mut self.serial_out.clone());
+    /// Waits at most until `deadline` for the console output to be written;
+    /// says what could not be.
+    pub fn finish_serial(&self, deadline: std::time::Instant) -> Undelivered {
+        self.serial_out.finish(deadline)
     }
 }
 
@@ -275,7 +283,7 @@ fn dup(evt: &EventFd) -> Result<EventFd, BuildError> {
 fn new_serial(
     irq: &EventFd,
     input_ready: &EventFd,
-    out: &SharedWriter,
+    out: &GuestOutput,
 ) -> Result<SerialDevice, BuildError> {
     Ok(SerialDevice::new(
         EventFdTrigger::new(dup(irq)?),

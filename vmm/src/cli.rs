@@ -166,10 +166,19 @@ fn parse_cpus(s: &str) -> Result<u8, String> {
     }
 }
 
+/// Longest timeout accepted (`u32::MAX` seconds, 136 years): deadlines must stay
+/// representable.
+const MAX_TIMEOUT_SECS: u64 = u32::MAX as u64;
+
 fn parse_timeout(s: &str) -> Result<u64, String> {
-    match s.trim().parse::<u64>() {
+    let t = s.trim();
+    match t.parse::<u64>() {
         Ok(0) => Err("the timeout must be at least 1 second".into()),
-        Ok(n) => Ok(n),
+        Ok(n) if n <= MAX_TIMEOUT_SECS => Ok(n),
+        Ok(_) => Err(format!("'{s}' is too long: at most {MAX_TIMEOUT_SECS} seconds")),
+        Err(_) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => {
+            Err(format!("'{s}' is too long: at most {MAX_TIMEOUT_SECS} seconds"))
+        }
         Err(_) => Err(format!("'{s}' is not a whole number of seconds")),
     }
 }
@@ -373,6 +382,14 @@ mod tests {
         assert!(!c.virtio_mmio_cmdline);
         assert!(parse(&["--kernel", "k", "--agent", "/tmp/vm.qga"]).is_err());
         assert!(parse(&["--kernel", "k", "--agent-timeout", "0"]).is_err());
+        for huge in ["4294967296", "18446744073709551615", "99999999999999999999999"] {
+            let e = parse(&["--kernel", "k", "--agent-timeout", huge]).unwrap_err();
+            assert!(e.to_string().contains("too long"), "{e}");
+            let e = parse(&["--kernel", "k", "--timeout", huge]).unwrap_err();
+            assert!(e.to_string().contains("too long"), "{e}");
+        }
+        let c = parse(&["--kernel", "k", "--agent-timeout", "4294967295"]).unwrap();
+        assert_eq!(c.agent_timeout, 4294967295);
         let c = parse(&[
             "--kernel",
             "k",

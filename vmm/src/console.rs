@@ -1,5 +1,11 @@
-//! Console input: the VMM thread reads stdin only while COM1's receive FIFO has
-//! room (back-pressure), and interprets the Ctrl-A keys on a terminal.
+//! Console input: stdin into COM1's receive FIFO, and the Ctrl-A keys on a
+//! terminal.
+//!
+//! Without a terminal (a pipe, a file) stdin is read only while nothing is held
+//! back for the guest: back-pressure, nothing is lost. On a terminal stdin is
+//! always read, so Ctrl-A x works even when the guest never drains its UART;
+//! keystrokes for the guest are held up to [`MAX_HELD`] bytes, and beyond that
+//! dropped (with one log line per episode), as a real serial line would.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -22,8 +28,13 @@ pub struct ConsoleInput {
     escapes: Option<EscapeParser>,
     stdin_watched: bool,
     stdin_eof: bool,
+    /// Keystrokes were dropped since the guest last made room.
+    dropping: bool,
     inputs: Inputs,
 }
+
+/// Console input held for a guest that does not read it (terminal only).
+pub const MAX_HELD: usize = 4096;
 
 /// Bytes of console input read at once (and so at most held back).
 const INPUT_CHUNK: usize = 256;
@@ -51,7 +62,7 @@ impl ConsoleInput {
     }
 
     fn update_watch(&mut self, ops: &mut EventOps) {
-        let want = !self.stdin_eof && self.pending.is_empty();
+        let want = !self.stdin_eof && (self.pending.is_empty() || self.escapes.is_some());
         if want != self.stdin_watched {
             let r = if want {
                 ops.add(Self::stdin_events())
@@ -99,8 +110,19 @@ impl ConsoleInput {
                         }
                     }
                 }
-                self.pending.extend(out);
+                self.hold(&out);
             }
+        }
+    }
+
+    /// Holds keystrokes for the guest, at most [`MAX_HELD`] bytes.
+    fn hold(&mut self, keys: &[u8]) {
+        let room = MAX_HELD.saturating_sub(self.pending.len());
+        let n = room.min(keys.len());
+        self.pending.extend(&keys[..n]);
+        if n < keys.len() && !self.dropping {
+            self.dropping = true;
+            log::warn!("console input dropped: the guest is not reading its serial port");
         }
     }
 }
@@ -116,6 +138,7 @@ impl MutEventSubscriber for ConsoleInput {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if events.fd() == self.ready.as_raw_fd() {
             let _ = self.ready.read();
+            self.dropping = false;
         } else if events
             .event_set()
             .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
@@ -144,6 +167,7 @@ impl ConsoleInput {
             escapes: escapes.then(EscapeParser::default),
             stdin_watched: false,
             stdin_eof: false,
+            dropping: false,
             inputs,
         }
     }

@@ -2,6 +2,8 @@
 //! [`crate::machine::Machine`]; this module only names it and writes it in
 //! QEMU's wire shape (`{"timestamp": ..., "event": ..., "data": ...}`).
 
+use std::time::{Duration, Instant};
+
 use serde_json::{json, Value};
 
 /// Id of the guest-agent channel in `query-chardev` and `VSERPORT_CHANGE`.
@@ -116,9 +118,99 @@ impl QmpEvent {
     }
 }
 
+/// QEMU's rate for `VSERPORT_CHANGE` (per port): at most one event a second.
+pub const PORT_EVENT_PERIOD: Duration = Duration::from_secs(1);
+
+/// Rate limit for a guest-driven event, as QEMU's monitor applies to
+/// `VSERPORT_CHANGE`: the first event goes out at once and opens a period;
+/// events during the period replace each other, and the last one goes out when
+/// the period ends (opening a new one). So a guest that opens and closes its
+/// port in a loop costs one event a second, and the last state is always told.
+#[derive(Debug)]
+pub struct Throttle {
+    period: Duration,
+    /// End of the current period, if one is open.
+    until: Option<Instant>,
+    pending: Option<QmpEvent>,
+}
+
+impl Throttle {
+    /// A throttle letting one event through per `period`.
+    pub fn new(period: Duration) -> Self {
+        Self {
+            period,
+            until: None,
+            pending: None,
+        }
+    }
+
+    /// An event happened at `now`: returns it if it may go out now, otherwise
+    /// keeps it (replacing an earlier pending one) for [`Self::due`].
+    pub fn offer(&mut self, ev: QmpEvent, now: Instant) -> Option<QmpEvent> {
+        if let Some(e) = self.due(now) {
+            // The period ended: what was pending goes out; `ev` waits.
+            self.pending = Some(ev);
+            return Some(e);
+        }
+        if self.until.is_some() {
+            self.pending = Some(ev);
+            return None;
+        }
+        self.until = Some(now + self.period);
+        Some(ev)
+    }
+
+    /// The pending event, if its period has ended by `now`.
+    pub fn due(&mut self, now: Instant) -> Option<QmpEvent> {
+        let until = self.until?;
+        if now < until {
+            return None;
+        }
+        let ev = self.pending.take();
+        self.until = ev.map(|_| now + self.period);
+        ev
+    }
+
+    /// When [`Self::due`] has something to give.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.pending.and(self.until)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn throttle_lets_one_event_a_period_through_and_keeps_the_last() {
+        let open = QmpEvent::AgentPort { open: true };
+        let closed = QmpEvent::AgentPort { open: false };
+        let p = Duration::from_secs(1);
+        let t0 = Instant::now();
+        let mut t = Throttle::new(p);
+        assert_eq!(t.deadline(), None);
+        assert_eq!(t.offer(open, t0), Some(open), "the first goes out");
+        // A flood within the period: nothing goes out, the last is kept.
+        for i in 1..1000u32 {
+            let ev = if i % 2 == 1 { closed } else { open };
+            assert_eq!(t.offer(ev, t0 + p * i / 1000), None);
+        }
+        assert_eq!(t.deadline(), Some(t0 + p));
+        assert_eq!(t.due(t0 + p / 2), None);
+        assert_eq!(t.due(t0 + p), Some(closed), "the last state is told");
+        // A new period started then: an event inside it waits.
+        assert_eq!(t.offer(open, t0 + p + p / 2), None);
+        assert_eq!(t.due(t0 + p * 2), Some(open));
+        // A quiet period closes the throttle: the next event goes out at once.
+        assert_eq!(t.due(t0 + p * 3), None);
+        assert_eq!(t.deadline(), None);
+        assert_eq!(t.offer(closed, t0 + p * 10), Some(closed));
+        // An event offered after a period ended with one pending: the pending
+        // one goes out first, the new one waits for the next period.
+        assert_eq!(t.offer(open, t0 + p * 10 + p / 2), None);
+        assert_eq!(t.offer(closed, t0 + p * 12), Some(open));
+        assert_eq!(t.due(t0 + p * 13), Some(closed));
+    }
 
     #[test]
     fn wire_shapes() {

@@ -10,7 +10,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::timerfd::TimerFd;
@@ -225,6 +225,11 @@ impl Io {
         }
     }
 
+    /// When the loop must wake up even if no descriptor is ready.
+    fn deadline(&self) -> Option<Instant> {
+        self.agent.as_ref().and_then(AgentLink::deadline)
+    }
+
     fn flush(&self, em: &mut EventManager<Box<dyn MutEventSubscriber>>) {
         if let Some(agent) = &self.agent {
             agent.flush(em);
@@ -237,6 +242,9 @@ impl Io {
         }
     }
 }
+
+/// Longest wait at exit for QMP clients to take their last replies and events.
+pub const EXIT_FLUSH: Duration = Duration::from_millis(800);
 
 /// Runs the VM described by `cfg` to its end; returns how it ended.
 pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
@@ -309,7 +317,15 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
     log::info!("{name}: started ({})", rt.state().as_str());
     let mut io = Io { inputs, qmp, agent };
     while !rt.finished() {
-        if let Err(e) = em.run() {
+        let waited = match io.deadline() {
+            Some(d) => {
+                let ms = d.saturating_duration_since(Instant::now()).as_millis();
+                // Round up: waking a little late is fine, spinning early is not.
+                em.run_with_timeout(i32::try_from(ms + 1).unwrap_or(i32::MAX))
+            }
+            None => em.run(),
+        };
+        if let Err(e) = waited {
             // EINTR from a signal that was not ours is harmless.
             log::debug!("event loop interrupted: {e:?}");
         }
@@ -320,7 +336,7 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
     if let Some(m) = &io.qmp {
         m.server
             .borrow_mut()
-            .flush_before_exit(Duration::from_secs(1));
+            .flush_before_exit(EXIT_FLUSH);
     }
     drop(raw);
     Ok(result?)

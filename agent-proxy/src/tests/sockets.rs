@@ -195,20 +195,30 @@ fn timeout_errors_then_resyncs() {
         )]
     );
     assert!(!h.proxy.borrow().is_synced(), "resync after the timeout");
-    // The agent wakes up: its late reply is discarded, the queued client request
-    // goes after the sync.
+    // The client's request, queued behind it since the same moment, timed out
+    // with it: the timeout runs from submission, not from being sent (its
+    // deadline is a moment later: one more round).
+    h.round(1000);
+    assert_eq!(
+        c.reply_str(),
+        "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Guest agent did not respond within 0.2 seconds\"}}\n"
+    );
+    // The agent wakes up: its late reply is discarded; the next request works.
     h.agent.release();
+    h.pump();
+    c.send(b"{\"execute\":\"guest-sync\",\"arguments\":{\"id\":2}}\n");
     h.pump();
     assert_eq!(c.reply_str(), "{\"return\": 2}\n");
     assert!(c.nothing_pending());
-    assert_eq!(
-        h.agent.commands(),
-        [
-            "guest-sync-delimited",
-            "guest-sync",
-            "guest-sync-delimited",
-            "guest-sync"
-        ]
+    // The timed-out request, then syncs (one more if the first resync timed out
+    // too while the agent was hung), then the new request.
+    let cmds = h.agent.commands();
+    assert_eq!(cmds[..2], ["guest-sync-delimited", "guest-sync"], "{cmds:?}");
+    assert_eq!(cmds.last().map(String::as_str), Some("guest-sync"), "{cmds:?}");
+    let middle = &cmds[2..cmds.len() - 1];
+    assert!(
+        !middle.is_empty() && middle.iter().all(|c| c == "guest-sync-delimited"),
+        "{cmds:?}"
     );
 
     // A sync that gets no answer: queued requests fail after the timeout, and the
@@ -239,6 +249,83 @@ fn timeout_errors_then_resyncs() {
     c.send(b"{\"execute\":\"guest-ping\"}\n");
     h.pump();
     assert_eq!(c.reply_str(), "{\"return\": {}}\n");
+}
+
+#[test]
+fn every_request_is_answered_within_the_timeout_of_its_submission() {
+    // An agent that answers syncs but never a `guest-suspend-ram`: five of them
+    // (two from each of two clients, one from QMP), submitted together, all fail
+    // one timeout after submission, not one timeout after another.
+    let t = Duration::from_millis(1000);
+    let mut h = Harness::new("deadlines", t);
+    h.open();
+    let mut a = h.connect();
+    let mut b = h.connect();
+    let start = Instant::now();
+    let cmd = b"{\"execute\":\"guest-suspend-ram\"}\n";
+    a.send(cmd);
+    b.send(cmd);
+    h.proxy
+        .borrow_mut()
+        .submit_qmp(9, json!({"execute": "guest-suspend-ram"}));
+    a.send(cmd);
+    b.send(cmd);
+    h.pump();
+    let expected = "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Guest agent did not respond within 1 seconds\"}}\n";
+    let mut got = 0;
+    let mut qmp = Vec::new();
+    for c in [&mut a, &mut b] {
+        c.w.set_nonblocking(true).unwrap();
+    }
+    while got < 4 || qmp.is_empty() {
+        assert!(
+            start.elapsed() < t + Duration::from_secs(1),
+            "not all answered within the timeout + 1 s ({got} of 4 socket replies)"
+        );
+        h.round(100);
+        qmp.extend(h.proxy.borrow_mut().take_qmp_replies());
+        for c in [&mut a, &mut b] {
+            let mut l = Vec::new();
+            while c.r.read_until(b'\n', &mut l).is_ok() && l.ends_with(b"\n") {
+                assert_eq!(String::from_utf8_lossy(&l), expected);
+                got += 1;
+                l.clear();
+            }
+        }
+    }
+    assert!(start.elapsed() >= t);
+    assert_eq!(got, 4);
+    assert_eq!(
+        qmp,
+        vec![(
+            9,
+            Err(AgentError::generic(
+                "Guest agent did not respond within 1 seconds"
+            ))
+        )]
+    );
+}
+
+#[test]
+fn half_closed_client_gets_its_replies_then_eof() {
+    // `echo '{"execute":"guest-ping"}' | socat - UNIX-CONNECT:...`: the request,
+    // then EOF on the client's write side, then the reply, then EOF back.
+    let mut h = Harness::new("halfclose", Duration::from_secs(5));
+    h.open();
+    let mut c = h.connect();
+    h.agent.hung = true;
+    c.send(b"{\"execute\":\"guest-ping\"}\n{\"execute\":\"guest-sync\",\"arguments\":{\"id\":5}}\n");
+    c.w.shutdown(std::net::Shutdown::Write).unwrap();
+    h.pump();
+    assert_eq!(h.clients(), 1, "kept while replies are owed");
+    h.agent.release();
+    h.pump();
+    assert_eq!(c.reply_str(), "{\"return\": {}}\n");
+    assert_eq!(c.reply_str(), "{\"return\": 5}\n");
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut c.r, &mut rest).unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(h.clients(), 0);
 }
 
 #[test]

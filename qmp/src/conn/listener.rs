@@ -3,6 +3,7 @@
 use std::io;
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -14,20 +15,44 @@ pub enum UnixBindError {
     /// Another process serves this socket.
     #[error("in use by another process")]
     InUse,
+    /// Something that is not a socket (a regular file, a directory, a symbolic
+    /// link...) is at the path; it is left alone.
+    #[error("{0} is in the way (only a stale socket is replaced)")]
+    NotASocket(&'static str),
     /// Anything else.
     #[error(transparent)]
     Io(#[from] io::Error),
 }
 
-/// Binds a non-blocking, owner-only (0600) Unix socket at `path`. A stale socket
-/// file (nobody listening) is replaced; a live one is [`UnixBindError::InUse`].
+/// What kind of file is in the way, for [`UnixBindError::NotASocket`].
+fn kind_of(t: std::fs::FileType) -> &'static str {
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "a file that is not a socket"
+    }
+}
+
+/// Binds a non-blocking, owner-only (0600) Unix socket at `path`. Only a stale
+/// socket (nobody listening) is replaced; a live one is [`UnixBindError::InUse`],
+/// anything else at the path (even a symbolic link to a socket) is
+/// [`UnixBindError::NotASocket`] and stays untouched.
 pub fn bind_owner_only(path: &Path) -> Result<UnixListener, UnixBindError> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(UnixBindError::InUse);
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(UnixBindError::InUse);
+            }
+            // A stale socket left by a process that is gone.
+            std::fs::remove_file(path)?;
         }
-        // A stale socket left by a process that is gone.
-        std::fs::remove_file(path)?;
+        Ok(m) => return Err(UnixBindError::NotASocket(kind_of(m.file_type()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
     }
     // Owner-only permissions from the start: no window where others may connect.
     // SAFETY: umask only changes this process's file mode mask; it is restored
@@ -41,11 +66,12 @@ pub fn bind_owner_only(path: &Path) -> Result<UnixListener, UnixBindError> {
     Ok(l)
 }
 
-/// A non-blocking listening socket. A Unix socket's file is removed on drop.
+/// A non-blocking listening socket. A Unix socket's file is removed on drop, if
+/// it is still the one bound (same device and inode).
 #[derive(Debug)]
 pub enum Listener {
-    /// An owner-only Unix socket and its path.
-    Unix(UnixListener, PathBuf),
+    /// An owner-only Unix socket, its path and the (device, inode) of its file.
+    Unix(UnixListener, PathBuf, (u64, u64)),
     /// A TCP socket.
     Tcp(TcpListener),
 }
@@ -53,7 +79,9 @@ pub enum Listener {
 impl Listener {
     /// Binds an owner-only Unix socket ([`bind_owner_only`]).
     pub fn unix(path: &Path) -> Result<Self, UnixBindError> {
-        Ok(Listener::Unix(bind_owner_only(path)?, path.into()))
+        let l = bind_owner_only(path)?;
+        let m = std::fs::symlink_metadata(path)?;
+        Ok(Listener::Unix(l, path.into(), (m.dev(), m.ino())))
     }
 
     /// Binds a TCP `host:port`.
@@ -66,7 +94,7 @@ impl Listener {
     /// The Unix socket's path.
     pub fn path(&self) -> Option<&Path> {
         match self {
-            Listener::Unix(_, p) => Some(p),
+            Listener::Unix(_, p, _) => Some(p),
             Listener::Tcp(_) => None,
         }
     }
@@ -74,7 +102,7 @@ impl Listener {
     /// The listening descriptor.
     pub fn fd(&self) -> RawFd {
         match self {
-            Listener::Unix(l, _) => l.as_raw_fd(),
+            Listener::Unix(l, _, _) => l.as_raw_fd(),
             Listener::Tcp(l) => l.as_raw_fd(),
         }
     }
@@ -83,7 +111,7 @@ impl Listener {
     /// peer: the socket path for Unix, the address for TCP.
     pub fn accept(&self) -> io::Result<(Stream, String)> {
         match self {
-            Listener::Unix(l, p) => {
+            Listener::Unix(l, p, _) => {
                 let (s, _) = l.accept()?;
                 Ok((Stream::Unix(s), p.display().to_string()))
             }
@@ -98,8 +126,11 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, p) = self {
-            let _ = std::fs::remove_file(p);
+        if let Listener::Unix(_, p, ours) = self {
+            let same = std::fs::symlink_metadata(&*p).is_ok_and(|m| (m.dev(), m.ino()) == *ours);
+            if same {
+                let _ = std::fs::remove_file(p);
+            }
         }
     }
 }
@@ -130,6 +161,43 @@ mod tests {
         // Non-blocking: nobody is connecting.
         let e = l.accept().unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn only_a_stale_socket_is_replaced() {
+        // A regular file, a directory and a symbolic link are left alone.
+        let file = temp("file");
+        std::fs::write(&file, "notes").unwrap();
+        let e = Listener::unix(&file).unwrap_err();
+        assert!(matches!(e, UnixBindError::NotASocket("a regular file")), "{e:?}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "notes");
+
+        let dir = temp("dir");
+        std::fs::create_dir(&dir).unwrap();
+        let e = Listener::unix(&dir).unwrap_err();
+        assert!(matches!(e, UnixBindError::NotASocket("a directory")), "{e:?}");
+        assert!(dir.is_dir());
+
+        let sock = temp("target");
+        drop(UnixListener::bind(&sock).unwrap());
+        let link = temp("link");
+        std::os::unix::fs::symlink(&sock, &link).unwrap();
+        let e = Listener::unix(&link).unwrap_err();
+        assert!(matches!(e, UnixBindError::NotASocket("a symbolic link")), "{e:?}");
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+
+        // A socket file that replaced ours is not removed when ours is dropped.
+        let p = temp("replaced");
+        let l = Listener::unix(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        drop(UnixListener::bind(&p).unwrap());
+        drop(l);
+        assert!(p.exists(), "someone else's socket stays");
+
+        for f in [&file, &sock, &link, &p] {
+            let _ = std::fs::remove_file(f);
+        }
+        let _ = std::fs::remove_dir(&dir);
     }
 
     #[test]

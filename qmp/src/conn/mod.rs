@@ -8,12 +8,17 @@
 //! means, when a client may be read (back-pressure: [`Session::wants_input`]) and
 //! what it gets is up to the server that owns the [`ConnSet`].
 //!
-//! Where stricter policies plug in: EOF is recorded apart from death
-//! ([`Conn::input_closed`]; a connection whose input is closed is no longer
-//! watched for input), so a client that half-closes could be kept until its
-//! replies are written by no longer closing at EOF in [`Conn::read_chunk`];
-//! back-pressure and a per-client bound on input are [`Session::wants_input`]
-//! returning false, which stops reading the client at the next flush.
+//! Half-close: EOF from a client only ends its input ([`Conn::input_closed`]; it
+//! is no longer watched for input). The connection stays until nothing more is
+//! owed to it: no reply to come ([`Session::busy`]) and no output unwritten; then
+//! [`ConnSet::flush`] closes it. So `echo cmd | socat - UNIX-CONNECT:...` gets
+//! its reply, deferred ones included. A peer that closes both directions is
+//! dropped at once (a write to it would fail anyway).
+//!
+//! Back-pressure and a per-client bound on input are [`Session::wants_input`]
+//! returning false, which stops reading the client at the next flush; a client
+//! is read at most [`READ_CHUNK`] bytes per readiness event, so what one client
+//! may have queued is its owner's bound plus one chunk.
 //!
 //! A connection is known by its id, never by its descriptor number: the kernel
 //! gives a closed client's number to the next one, so anything queued for a
@@ -200,9 +205,8 @@ impl Conn {
         let mut buf = vec![0u8; READ_CHUNK];
         match self.stream.read(&mut buf) {
             Ok(0) => {
+                // Half-close: it still gets what it is owed (see the module doc).
                 self.input_closed = true;
-                // Today a client that closes its side is done with.
-                self.dead = true;
                 buf.clear();
             }
             Ok(n) => buf.truncate(n),

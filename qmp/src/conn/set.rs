@@ -16,6 +16,12 @@ pub trait Session {
     fn wants_input(&self) -> bool {
         true
     }
+
+    /// Whether the client is still owed something (a reply to come). A client
+    /// whose input is closed is kept while it is busy or has output unwritten.
+    fn busy(&self) -> bool {
+        false
+    }
 }
 
 /// A client: its connection and the server's session state.
@@ -38,6 +44,10 @@ pub struct Names {
     pub label: fn(u64, &str) -> String,
 }
 
+/// Clients one endpoint (listening socket) serves at once; more are accepted
+/// and closed at once, with a log line.
+pub const MAX_CLIENTS_PER_ENDPOINT: usize = 64;
+
 /// The connections of one server, by id (in order of arrival).
 pub struct ConnSet<S> {
     names: Names,
@@ -46,7 +56,21 @@ pub struct ConnSet<S> {
     peers: BTreeMap<u64, Client<S>>,
     /// Which connection has a descriptor now (updated when one is dropped).
     by_fd: HashMap<RawFd, u64>,
+    /// Clients per listening descriptor, and each client's listener.
+    per_listener: HashMap<RawFd, usize>,
+    listener_of: HashMap<u64, RawFd>,
+    max_per_listener: usize,
     next_id: u64,
+    /// A descriptor kept in reserve: when accept fails for want of descriptors
+    /// (EMFILE/ENFILE) it is closed to accept and close the waiting client, so
+    /// the listener does not stay readable and the loop does not spin.
+    spare: Option<std::fs::File>,
+    /// Clients are being refused (full, or out of descriptors): logged once.
+    refusing: bool,
+}
+
+fn spare_fd() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
 }
 
 impl<S: Session> ConnSet<S> {
@@ -59,8 +83,38 @@ impl<S: Session> ConnSet<S> {
             max_output,
             peers: BTreeMap::new(),
             by_fd: HashMap::new(),
+            per_listener: HashMap::new(),
+            listener_of: HashMap::new(),
+            max_per_listener: MAX_CLIENTS_PER_ENDPOINT,
             next_id: 0,
+            spare: spare_fd(),
+            refusing: false,
         }
+    }
+
+    /// Changes the number of clients one listener serves at once.
+    pub fn set_max_per_listener(&mut self, max: usize) {
+        self.max_per_listener = max;
+    }
+
+    /// Logs a refused client, once per episode.
+    fn refuse(&mut self, why: &str) {
+        if !self.refusing {
+            self.refusing = true;
+            log::warn!("{}: {why}; refusing new clients until some leave", self.names.accept_error);
+        }
+    }
+
+    /// Out of descriptors: gives up the spare one to accept the waiting client
+    /// and close it at once, then takes the spare back. Returns false if that
+    /// was not possible (no spare).
+    fn shed(&mut self, listener: &Listener) -> bool {
+        if self.spare.take().is_none() {
+            return false;
+        }
+        let shed = listener.accept().is_ok();
+        self.spare = spare_fd();
+        shed
     }
 
     /// Number of connections (including dead ones not flushed yet).
@@ -109,16 +163,30 @@ impl<S: Session> ConnSet<S> {
         ops: &mut EventOps,
         mut make: impl FnMut(&mut Conn) -> S,
     ) {
+        let lfd = listener.fd();
         loop {
             let (stream, peer) = match listener.accept() {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    self.refuse(&format!("out of file descriptors ({e})"));
+                    if self.shed(listener) {
+                        continue;
+                    }
+                    return;
+                }
                 Err(e) => {
                     log::warn!("{}: {e}", self.names.accept_error);
                     return;
                 }
             };
+            let count = self.per_listener.get(&lfd).copied().unwrap_or(0);
+            if count >= self.max_per_listener {
+                self.refuse(&format!("{count} clients connected, the most one socket serves"));
+                drop(stream);
+                continue;
+            }
             if let Err(e) = stream.set_nonblocking(true) {
                 log::warn!("{}: {e}", self.names.client);
                 continue;
@@ -134,12 +202,14 @@ impl<S: Session> ConnSet<S> {
             }
             log::info!("{} connected", conn.label());
             self.by_fd.insert(conn.fd(), id);
+            *self.per_listener.entry(lfd).or_default() += 1;
+            self.listener_of.insert(id, lfd);
             self.peers.insert(id, Client { conn, state });
         }
     }
 
     /// Handles an epoll event for a client's descriptor. Returns the id of the
-    /// client to read; a client that hung up while not being read is marked
+    /// client to read; a client that hung up (closed both directions) is marked
     /// dead. An event for a descriptor that is not a client's any more is
     /// unwatched, one for an earlier client on a reused descriptor ignored.
     pub fn event(&mut self, ev: &Events, ops: &mut EventOps) -> Option<u64> {
@@ -153,15 +223,13 @@ impl<S: Session> ConnSet<S> {
             return None;
         }
         let set = ev.event_set();
-        let gone = set.intersects(EventSet::HANG_UP | EventSet::ERROR);
-        if set.contains(EventSet::IN) || (gone && c.interest.contains(EventSet::IN)) {
-            return Some(c.id);
-        }
-        if gone {
-            // Not being read and gone: drop it.
+        if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+            // Both directions closed (a half-close is only EOF on input): nothing
+            // can reach it any more, so what it sent last is not run either.
             c.dead = true;
+            return None;
         }
-        None
+        set.contains(EventSet::IN).then_some(c.id)
     }
 
     /// Writes pending output, updates what is watched, and drops dead clients.
@@ -171,6 +239,10 @@ impl<S: Session> ConnSet<S> {
             let wants_input = p.state.wants_input();
             let c = &mut p.conn;
             c.write_out();
+            if c.input_closed && c.out.is_empty() && !p.state.busy() {
+                // Half-closed and owed nothing more.
+                c.dead = true;
+            }
             if c.dead {
                 gone.push(*id);
             } else {
@@ -182,6 +254,15 @@ impl<S: Session> ConnSet<S> {
                 let fd = p.conn.fd();
                 let _ = ops.remove(Events::empty_raw(fd));
                 self.by_fd.remove(&fd);
+                if let Some(l) = self.listener_of.remove(&id) {
+                    if let Some(n) = self.per_listener.get_mut(&l) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                if self.refusing {
+                    self.refusing = false;
+                    log::info!("{}: accepting clients again", self.names.accept_error);
+                }
                 log::info!("{} disconnected", p.conn.label());
             }
         }

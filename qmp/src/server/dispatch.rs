@@ -47,13 +47,18 @@ impl QmpServer {
         let mut held = VecDeque::new();
         let mut ran = false;
         while let Some((id, item)) = self.inbox.pop_front() {
-            let Some(c) = self.clients.get(id).filter(|c| !c.conn.is_dead()) else {
+            let Some(c) = self.clients.get_mut(id) else {
                 continue;
             };
+            if c.conn.is_dead() {
+                c.state.queued = c.state.queued.saturating_sub(1);
+                continue;
+            }
             if c.state.waiting.is_some() {
                 held.push_back((id, item));
                 continue;
             }
+            c.state.queued = c.state.queued.saturating_sub(1);
             ran = true;
             let mut events = Vec::new();
             let reply = self.handle(id, item, handler, &mut events);

@@ -53,6 +53,14 @@ pub enum ServerError {
     /// Another process serves this socket.
     #[error("QMP socket {0} is in use by another process")]
     InUse(PathBuf),
+    /// Something other than a socket is at the path.
+    #[error("cannot listen on QMP socket {path}: it is {what}, which is left untouched (only a stale socket is replaced)")]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+        /// What is there ("a regular file").
+        what: &'static str,
+    },
     /// Binding failed.
     #[error("cannot listen on QMP endpoint {endpoint}")]
     Bind {

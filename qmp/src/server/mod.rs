@@ -38,15 +38,33 @@ const NAMES: Names = Names {
     label: |id, peer| format!("QMP client #{id} ({peer})"),
 };
 
+/// Commands a client may have queued (read, not yet answered) before it is no
+/// longer read: QEMU's monitor suspends a client at 8 queued requests. A client
+/// is read at most [`crate::conn::READ_CHUNK`] bytes at a time, so it may have
+/// one chunk's worth of commands queued beyond this.
+pub const MAX_QUEUED: usize = 8;
+
 /// What the server keeps about a client.
 #[derive(Default)]
 struct QmpSession {
     negotiated: bool,
     /// A deferred reply this client waits for: (token, id to echo).
     waiting: Option<(u64, Option<Value>)>,
+    /// Its messages in the inbox.
+    queued: usize,
 }
 
-impl Session for QmpSession {}
+impl Session for QmpSession {
+    /// Back-pressure: a client with [`MAX_QUEUED`] commands unanswered (the one
+    /// waiting for a deferred reply included) is not read until some are done.
+    fn wants_input(&self) -> bool {
+        self.queued + usize::from(self.waiting.is_some()) < MAX_QUEUED
+    }
+
+    fn busy(&self) -> bool {
+        self.queued > 0 || self.waiting.is_some()
+    }
+}
 
 fn send(conn: &mut Conn, v: &Value) {
     conn.queue(&protocol::to_wire(v));
@@ -66,6 +84,10 @@ fn bind(ep: &Endpoint) -> Result<Listener, ServerError> {
     match ep {
         Endpoint::Unix(p) => Listener::unix(p).map_err(|e| match e {
             UnixBindError::InUse => ServerError::InUse(p.clone()),
+            UnixBindError::NotASocket(what) => ServerError::NotASocket {
+                path: p.clone(),
+                what,
+            },
             UnixBindError::Io(source) => ServerError::Bind {
                 endpoint: format!("unix:{}", p.display()),
                 source,
@@ -149,6 +171,7 @@ impl QmpServer {
         };
         let mut items = Vec::new();
         c.conn.read_framed(&mut items);
+        c.state.queued += items.len();
         self.inbox.extend(items.into_iter().map(|item| (id, item)));
     }
 }

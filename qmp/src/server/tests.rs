@@ -397,3 +397,119 @@ fn a_new_client_on_a_recycled_fd_gets_nothing_of_the_old_one() {
     }
     eprintln!("*** SKIPPED a_new_client_on_a_recycled_fd_gets_nothing_of_the_old_one: the descriptor was never reused");
 }
+
+#[test]
+fn half_closed_client_gets_every_reply_then_eof() {
+    let mut h = Harness::new("halfclose");
+    let mut c = h.connect();
+    // As `printf '...' | socat - UNIX-CONNECT:...` does: send, then shut down
+    // the write side, then read until EOF.
+    c.send(concat!(
+        "{\"execute\":\"qmp_capabilities\"}\n",
+        "{\"execute\":\"guest-ping\",\"id\":1}\n",
+        "{\"execute\":\"query-kvm\",\"id\":2}\n"
+    ));
+    c.w.shutdown(std::net::Shutdown::Write).unwrap();
+    h.pump();
+    assert_eq!(c.line(), r#"{"return": {}}"#);
+    // The deferred reply is still owed: the connection stays.
+    assert_eq!(h.server.borrow().client_count(), 1);
+    assert!(h.server.borrow_mut().complete(1, Ok(json!({}))));
+    h.pump();
+    assert_eq!(c.line(), r#"{"return": {}, "id": 1}"#);
+    assert_eq!(
+        c.line(),
+        r#"{"return": {"enabled": true, "present": true}, "id": 2}"#
+    );
+    // Then EOF: nothing more is owed.
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut c.r, &mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(h.server.borrow().client_count(), 0);
+}
+
+#[test]
+fn a_client_with_queued_commands_is_not_read_until_they_are_done() {
+    use std::io::{BufRead, ErrorKind};
+    const N: usize = 5000;
+    let mut h = Harness::new("backpressure");
+    let mut c = h.connect();
+    c.send("{\"execute\":\"qmp_capabilities\"}");
+    h.pump();
+    assert_eq!(c.line(), r#"{"return": {}}"#);
+    // One command waits for the guest; more are sent behind it, one write
+    // each, without blocking, until the socket is full.
+    c.send("{\"execute\":\"guest-ping\",\"id\":0}");
+    h.pump();
+    c.w.set_nonblocking(true).unwrap();
+    let cmd = |i: usize| format!("{{\"execute\":\"query-kvm\",\"id\":{i}}}");
+    let mut next = 1;
+    let mut full = false;
+    while next <= N && !full {
+        match c.w.write(cmd(next).as_bytes()) {
+            Ok(_) => next += 1,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => full = true,
+            Err(e) => panic!("{e}"),
+        }
+        if next % 100 == 0 {
+            h.pump();
+        }
+    }
+    // The server read the first batch and then stopped reading: the socket
+    // filled up instead of the server's memory.
+    assert!(full, "the server kept reading ({} queued)", h.server.borrow().inbox.len());
+    let queued = h.server.borrow().inbox.len();
+    assert!(queued <= 100, "{queued} queued");
+    // Once the deferred reply arrives everything is answered, in order.
+    assert!(h.server.borrow_mut().complete(1, Ok(json!({}))));
+    let mut expect = 0;
+    let mut line = String::new();
+    while expect <= N {
+        h.pump();
+        while next <= N {
+            match c.w.write(cmd(next).as_bytes()) {
+                Ok(_) => next += 1,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        loop {
+            match c.r.read_line(&mut line) {
+                Ok(0) => panic!("EOF at reply {expect}"),
+                Ok(_) if line.ends_with('\n') => {
+                    assert!(line.ends_with(&format!("\"id\": {expect}}}\r\n")), "{expect}: {line}");
+                    expect += 1;
+                    line.clear();
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn clients_over_the_cap_are_closed_at_once() {
+    let mut h = Harness::new("cap");
+    h.server.borrow_mut().clients.set_max_per_listener(3);
+    let mut kept: Vec<TestClient> = (0..3).map(|_| h.connect()).collect();
+    assert_eq!(h.server.borrow().client_count(), 3);
+    // The fourth gets no greeting: EOF at once.
+    let mut extra = TestClient::connect(&h.path);
+    h.pump();
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut extra.r, &mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(h.server.borrow().client_count(), 3);
+    // The others still work; once one leaves, a new client is served.
+    kept[0].send("{\"execute\":\"qmp_capabilities\"}");
+    h.pump();
+    assert_eq!(kept[0].line(), r#"{"return": {}}"#);
+    drop(kept.pop());
+    h.pump();
+    let mut again = h.connect();
+    again.send("{\"execute\":\"qmp_capabilities\"}");
+    h.pump();
+    assert_eq!(again.line(), r#"{"return": {}}"#);
+}

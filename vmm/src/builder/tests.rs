@@ -216,7 +216,7 @@ fn platform_devices_keep_their_guest_visible_layout() {
         new_serial(
             &serial_irq,
             &new_eventfd().unwrap(),
-            &SharedWriter::new(Box::new(io::sink())),
+            &devices::output::GuestOutput::sink(),
         )
         .unwrap(),
     ));
@@ -275,7 +275,7 @@ fn without_the_agent_there_is_no_mmio_device() {
     let mem = memory::create_guest_memory(64 << 20).unwrap();
     let irq = new_eventfd().unwrap();
     let serial = Arc::new(Mutex::new(
-        new_serial(&irq, &irq, &SharedWriter::new(Box::new(io::sink()))).unwrap(),
+        new_serial(&irq, &irq, &devices::output::GuestOutput::sink()).unwrap(),
     ));
     let events = VcpuEvents::new().unwrap();
     let devices = add_devices(&mut dm, &mem, &serial, &irq, &events, false).unwrap();

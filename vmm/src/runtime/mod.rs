@@ -7,6 +7,7 @@ mod commands;
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use agent_proxy::AgentProxy;
 use qmp::protocol::QmpError;
@@ -17,6 +18,10 @@ use crate::config::VmConfig;
 use crate::error::error_chain;
 use crate::machine::{Effect, Input, Machine, Outcome, Policy, RunState};
 use crate::qmp_event::QmpEvent;
+
+/// Longest wait at exit for the console output to be written (a reader that
+/// does not read must not keep the VMM alive; SIGTERM ends it within 2 s).
+pub const OUTPUT_DRAIN: Duration = Duration::from_millis(800);
 
 pub use commands::{version, COMMANDS};
 
@@ -175,10 +180,22 @@ impl Runtime {
         Some((self.machine.generation(), port))
     }
 
-    /// Stops the vcpus, releases the VM, flushes the console; says how it ended.
+    /// Stops the vcpus, releases the VM, writes out the console (waiting at most
+    /// [`OUTPUT_DRAIN`]; what could not be written is reported on stderr); says
+    /// how it ended.
     pub fn finish(mut self) -> Result<Outcome, BuildError> {
         drop(self.vm.take());
-        self.persistent.flush_serial();
+        let lost = self
+            .persistent
+            .finish_serial(Instant::now() + OUTPUT_DRAIN);
+        if lost.total() > 0 {
+            eprintln!(
+                "minivmm: {} bytes of guest console output could not be written ({} dropped while running, {} still unwritten at exit): the output was not read fast enough or failed",
+                lost.total(),
+                lost.dropped,
+                lost.unwritten
+            );
+        }
         match (self.fatal, self.outcome) {
             (Some(e), _) => Err(e),
             (None, Some(o)) => Ok(o),
