@@ -226,6 +226,90 @@ fn endpoints_tcp_permissions_stale_and_live_sockets() {
 }
 
 #[test]
+fn unread_stdout_never_wedges_the_vm() {
+    use std::os::fd::AsRawFd;
+    if !kvm_available("unread_stdout_never_wedges_the_vm") {
+        return;
+    }
+    // A guest that prints "x" forever, to a stdout pipe nobody reads.
+    let k = minivmm_tests::tiny_guest(
+        "unread",
+        &[
+            &minivmm_tests::code_print(b"boot\n"),
+            &[0xb0, b'x', 0xee, 0xeb, 0xfb], // l: mov al,'x'; out dx,al; jmp l
+        ],
+    );
+    let sock = socket_path("unread");
+    let spec = format!("unix:{}", sock.display());
+    // A one-page pipe, so that it is full soon.
+    let (out, w) = std::io::pipe().unwrap();
+    // SAFETY: F_SETPIPE_SZ on our own pipe; no memory is passed.
+    assert!(unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) } >= 4096);
+    let mut child = minivmm_tests::minivmm(&["--kernel", &k, "--qmp", &spec])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(w))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut q = Qmp::negotiated(&sock);
+    // Wait until the pipe is full: from then on the host takes nothing more.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes the number of unread bytes into `n`.
+        let rc = unsafe { libc::ioctl(out.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(rc, 0);
+        if n >= 4096 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest stopped printing ({n} bytes)"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The guest keeps running (its vcpu is not stuck in a write), QMP answers.
+    // (A vcpu blocked writing to the pipe would sleep in every sample; one
+    // running guest code sleeps at most briefly, on the output buffer's lock.)
+    let tid = vcpu_tids(&mut q)[0];
+    let mut asleep = 0;
+    for _ in 0..50 {
+        assert_eq!(query_status(&mut q), "running");
+        if minivmm_tests::thread_state(child.id(), tid) == 'S' {
+            asleep += 1;
+        }
+    }
+    assert!(
+        asleep < 25,
+        "the vcpu thread slept in {asleep} of 50 samples"
+    );
+    // SIGTERM ends it within 2 s, and the lost output is reported.
+    let start = std::time::Instant::now();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("SIGTERM did not stop the VMM within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = start.elapsed();
+    assert_eq!(st.code(), Some(143));
+    assert!(took < Duration::from_secs(2), "SIGTERM took {took:?}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains("bytes of guest console output could not be written"),
+        "stderr: {err}"
+    );
+    drop(out);
+}
+
+#[test]
 fn only_stale_sockets_are_replaced() {
     if !kvm_available("only_stale_sockets_are_replaced") {
         return;

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use qmp::stream::{Framed, JsonStreamer};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::wire::{self, SENTINEL};
 use crate::{AgentError, AgentProxy, DISAPPEARED, INVALID_REPLY, NOT_CONNECTED};
@@ -32,7 +32,7 @@ pub(crate) struct AgentReader {
 impl AgentReader {
     pub(crate) fn new(max: usize) -> Self {
         Self {
-            streamer: JsonStreamer::new(max),
+            streamer: JsonStreamer::raw(max),
             discarding: false,
             after_sentinel: false,
             max,
@@ -40,13 +40,24 @@ impl AgentReader {
     }
 
     pub(crate) fn reset(&mut self) {
-        self.streamer = JsonStreamer::new(self.max);
+        self.streamer = JsonStreamer::raw(self.max);
         self.after_sentinel = false;
     }
 
     pub(crate) fn discard(&mut self) {
         self.reset();
         self.discarding = true;
+    }
+}
+
+/// What an invalid item from the agent was, for the log (not its bytes: they
+/// may be megabytes).
+fn describe(item: &Framed) -> String {
+    match item {
+        Framed::Raw(m) => format!("{} bytes that are not a reply", m.len()),
+        Framed::Error(e) => e.clone(),
+        Framed::Value(_) => "a value".into(),
+        Framed::TooLarge => "too large".into(),
     }
 }
 
@@ -160,9 +171,8 @@ impl AgentProxy {
             Channel::Closed => {}
             Channel::Syncing { id, .. } => {
                 let ours = sentinel
-                    && matches!(&item, Framed::Value(v)
-                        if v.as_object().is_some_and(|m| m.len() == 1)
-                            && v.get("return").and_then(Value::as_i64) == Some(id));
+                    && matches!(&item, Framed::Raw(m)
+                        if wire::Envelope::parse(m).is_some_and(|e| e.returns_id(id)));
                 if ours {
                     log::debug!("guest agent channel in sync (id {id})");
                     self.channel = Channel::Ready;
@@ -173,24 +183,30 @@ impl AgentProxy {
             }
             Channel::Ready => {
                 let Some(f) = self.in_flight.take() else {
-                    log::warn!("unexpected output from the guest agent: resynchronising");
+                    log_ratelimit::warn_limited!(
+                        "unexpected output from the guest agent: resynchronising"
+                    );
                     self.resync();
                     return;
                 };
-                match item {
-                    Framed::Value(v) if wire::is_reply(&v) => {
-                        let parse_error = v
-                            .pointer("/error/desc")
-                            .and_then(Value::as_str)
-                            .is_some_and(|d| d.starts_with("JSON parse error"));
-                        self.deliver_agent_reply(f.req, &v, sentinel);
-                        if parse_error {
-                            log::warn!("the guest agent reported a parse error: resynchronising");
-                            self.resync();
-                        }
+                let reply = match &item {
+                    Framed::Raw(m) => wire::Envelope::parse(m).map(|e| (m, e)),
+                    _ => None,
+                };
+                if let Some((msg, env)) = reply {
+                    let parse_error = env.is_parse_error();
+                    self.deliver_agent_reply(f.req, msg, &env, sentinel);
+                    if parse_error {
+                        log_ratelimit::warn_limited!(
+                            "the guest agent reported a parse error: resynchronising"
+                        );
+                        self.resync();
                     }
+                    return;
+                }
+                match item {
                     Framed::TooLarge => {
-                        log::warn!(
+                        log_ratelimit::warn_limited!(
                             "guest agent reply exceeds {} bytes: resynchronising",
                             self.max_reply
                         );
@@ -202,8 +218,9 @@ impl AgentProxy {
                         self.resync();
                     }
                     other => {
-                        log::warn!(
-                            "invalid output from the guest agent ({other:?}): resynchronising"
+                        log_ratelimit::warn_limited!(
+                            "invalid output from the guest agent ({}): resynchronising",
+                            describe(&other)
                         );
                         self.complete(f.req, Err(AgentError::generic(INVALID_REPLY)));
                         self.resync();

@@ -104,8 +104,9 @@ impl AgentProxy {
                 let msg = msg.replace("\\uFFFD", "\u{FFFD}");
                 self.local_reply(id, Err(AgentError::generic(msg)), None);
             }
-            // The connection layer closes the client instead.
-            Framed::TooLarge => {}
+            // The connection layer closes the client instead; client input is
+            // parsed (no raw items).
+            Framed::TooLarge | Framed::Raw(_) => {}
         }
     }
 

@@ -105,7 +105,6 @@ use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use qmp::conn::{ConnSet, Listener, UnixBindError};
-use serde_json::Value;
 use vmm_sys_util::timerfd::TimerFd;
 
 mod channel;
@@ -223,7 +222,7 @@ pub struct AgentProxy {
     queue: VecDeque<Work>,
     in_flight: Option<InFlight>,
     to_guest: Vec<u8>,
-    qmp_replies: Vec<(u64, Result<Value, AgentError>)>,
+    qmp_replies: Vec<(u64, Result<qmp::protocol::RawJson, AgentError>)>,
     timer: TimerFd,
     timer_deadline: Option<std::time::Instant>,
     max_reply: usize,

@@ -3,6 +3,7 @@
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+use qmp::protocol::RawJson;
 use serde_json::{json, Map, Value};
 
 use crate::channel::Channel;
@@ -85,7 +86,7 @@ impl AgentProxy {
     }
 
     /// Completed QMP requests: the `return` value or the error.
-    pub fn take_qmp_replies(&mut self) -> Vec<(u64, Result<Value, AgentError>)> {
+    pub fn take_qmp_replies(&mut self) -> Vec<(u64, Result<RawJson, AgentError>)> {
         std::mem::take(&mut self.qmp_replies)
     }
 
@@ -139,7 +140,7 @@ impl AgentProxy {
     /// Completes a request with a result made by the proxy.
     pub(crate) fn complete(&mut self, req: Request, result: Result<Value, AgentError>) {
         match req.owner {
-            Owner::Qmp(token) => self.qmp_replies.push((token, result)),
+            Owner::Qmp(token) => self.qmp_replies.push((token, result.map(RawJson::from))),
             Owner::Client(c) => {
                 let bytes = wire::to_wire(&wire::reply(&result, req.id.as_ref()));
                 self.client_output(c, &bytes, true);
@@ -147,15 +148,25 @@ impl AgentProxy {
         }
     }
 
-    pub(crate) fn deliver_agent_reply(&mut self, req: Request, v: &Value, sentinel: bool) {
+    /// Delivers the agent's reply `msg`: its `return` text to a QMP caller, or
+    /// its bytes as they came (plus the "\n" that ended them, and the 0xFF
+    /// before them if there was one) to a socket client.
+    pub(crate) fn deliver_agent_reply(
+        &mut self,
+        req: Request,
+        msg: &[u8],
+        env: &wire::Envelope,
+        sentinel: bool,
+    ) {
         match req.owner {
-            Owner::Qmp(token) => self.qmp_replies.push((token, wire::reply_result(v))),
+            Owner::Qmp(token) => self.qmp_replies.push((token, env.result())),
             Owner::Client(c) => {
-                let mut bytes = Vec::new();
+                let mut bytes = Vec::with_capacity(msg.len() + 2);
                 if sentinel {
                     bytes.push(SENTINEL);
                 }
-                bytes.extend(wire::to_wire(v));
+                bytes.extend_from_slice(msg);
+                bytes.push(b'\n');
                 self.client_output(c, &bytes, true);
             }
         }
@@ -234,7 +245,11 @@ impl AgentProxy {
         let now = Instant::now();
         let what = seconds(self.timeout);
         let desc = format!("Guest agent did not respond within {what} seconds");
-        if self.in_flight.as_ref().is_some_and(|f| f.req.deadline <= now) {
+        if self
+            .in_flight
+            .as_ref()
+            .is_some_and(|f| f.req.deadline <= now)
+        {
             if let Some(f) = self.in_flight.take() {
                 log::warn!("the guest agent did not answer within {what} s: resynchronising");
                 self.complete(f.req, Err(AgentError::generic(&desc)));

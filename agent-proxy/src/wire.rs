@@ -2,6 +2,9 @@
 //! (`{"return": {}}` with ", " and ": " separators, characters outside printable
 //! ASCII escaped as `\uXXXX`), each followed by a single "\n".
 
+use qmp::protocol::RawJson;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::AgentError;
@@ -37,25 +40,76 @@ pub fn reply(result: &Result<Value, AgentError>, id: Option<&Value>) -> Value {
     qmp::protocol::reply_parts(result, id)
 }
 
-/// Whether `v` has the shape of an agent reply (an object with `return` or `error`).
-pub fn is_reply(v: &Value) -> bool {
-    v.as_object()
-        .is_some_and(|m| m.contains_key("return") || m.contains_key("error"))
+/// What the proxy reads of an agent reply: `return` stays text (it is passed
+/// through, never built into a [`Value`]), `error` is looked at only if small.
+#[derive(Debug, Deserialize)]
+pub struct Envelope<'a> {
+    /// The `return` member's text.
+    #[serde(rename = "return", borrow, default)]
+    pub ret: Option<&'a RawValue>,
+    /// The `error` member's text.
+    #[serde(borrow, default)]
+    pub error: Option<&'a RawValue>,
 }
 
-/// Converts an agent reply into the QMP-side result.
-pub fn reply_result(v: &Value) -> Result<Value, AgentError> {
-    if let Some(r) = v.get("return") {
-        return Ok(r.clone());
+/// Largest `error` member read for its class and description.
+const MAX_ERROR: usize = 64 << 10;
+
+impl<'a> Envelope<'a> {
+    /// The envelope of `msg` if it is a reply: a valid JSON object with a
+    /// `return` or an `error` member. Costs no allocation beyond the error's.
+    pub fn parse(msg: &'a [u8]) -> Option<Self> {
+        let first = msg.iter().find(|b| !b.is_ascii_whitespace())?;
+        if *first != b'{' {
+            return None;
+        }
+        let env: Self = serde_json::from_slice(msg).ok()?;
+        (env.ret.is_some() || env.error.is_some()).then_some(env)
     }
-    let e = v.get("error");
-    let field = |name: &str| e.and_then(|e| e.get(name)).and_then(Value::as_str);
-    Err(AgentError {
-        class: field("class").unwrap_or("GenericError").to_string(),
-        desc: field("desc")
-            .unwrap_or("Guest agent returned an error without description")
-            .to_string(),
-    })
+
+    /// The QMP-side result: the `return` text as it is, or the error.
+    pub fn result(&self) -> Result<RawJson, AgentError> {
+        if let Some(r) = self.ret {
+            let text = r.get().as_bytes();
+            return Ok(RawJson::new(text.to_vec()).unwrap_or_else(|| {
+                // Line breaks (as whitespace) inside: rewrite it on one line.
+                serde_json::from_slice::<Value>(text)
+                    .map(RawJson::from)
+                    .unwrap_or_else(|_| RawJson::from(Value::Null))
+            }));
+        }
+        let e = self
+            .error
+            .filter(|e| e.get().len() <= MAX_ERROR)
+            .and_then(|e| serde_json::from_str::<Value>(e.get()).ok());
+        let field = |name: &str| {
+            e.as_ref()
+                .and_then(|e| e.get(name))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        Err(AgentError {
+            class: field("class").unwrap_or_else(|| "GenericError".into()),
+            desc: field("desc")
+                .unwrap_or_else(|| "Guest agent returned an error without description".into()),
+        })
+    }
+
+    /// Whether it is qemu-ga's answer to input it could not parse.
+    pub fn is_parse_error(&self) -> bool {
+        self.ret.is_none()
+            && self
+                .result()
+                .is_err_and(|e| e.desc.starts_with("JSON parse error"))
+    }
+
+    /// Whether it is `{"return": id}`.
+    pub fn returns_id(&self, id: i64) -> bool {
+        self.error.is_none()
+            && self
+                .ret
+                .is_some_and(|r| serde_json::from_str::<i64>(r.get()).ok() == Some(id))
+    }
 }
 
 #[cfg(test)]
@@ -96,21 +150,43 @@ mod tests {
             reply(&Err(AgentError::generic("x")), Some(&json!("a"))).to_string(),
             r#"{"id":"a","error":{"class":"GenericError","desc":"x"}}"#
         );
-        assert!(is_reply(&json!({"return": 1})));
-        assert!(is_reply(&json!({"error": {}})));
-        assert!(!is_reply(&json!([1])));
-        assert!(!is_reply(&json!({"event": "X"})));
-        assert_eq!(reply_result(&json!({"return": [1]})), Ok(json!([1])));
+        let env = |m: &str| Envelope::parse(m.as_bytes()).map(|e| e.result());
         assert_eq!(
-            reply_result(&json!({"error": {"class": "CommandNotFound", "desc": "d"}})),
-            Err(AgentError {
+            env(r#"{"return": [1, {"a": "b"}]}"#),
+            Some(Ok(RawJson::new(br#"[1, {"a": "b"}]"#.to_vec()).unwrap()))
+        );
+        assert_eq!(
+            env(r#"{"error": {"class": "CommandNotFound", "desc": "d"}}"#),
+            Some(Err(AgentError {
                 class: "CommandNotFound".into(),
                 desc: "d".into()
-            })
+            }))
         );
         assert_eq!(
-            reply_result(&json!({"error": 5})).unwrap_err().class,
+            env(r#"{"error": 5}"#).unwrap().unwrap_err().class,
             "GenericError"
         );
+        // Not replies.
+        for m in [
+            r#"[1]"#,
+            r#"{"event": "X"}"#,
+            r#"{"return": 1"#,
+            "7",
+            r#"  [{"return": 1}]"#,
+        ] {
+            assert!(Envelope::parse(m.as_bytes()).is_none(), "{m}");
+        }
+        // A payload with line breaks is put on one line.
+        assert_eq!(
+            env("{\"return\": {\n  \"a\": 1\n}}"),
+            Some(Ok(RawJson::from(json!({"a": 1}))))
+        );
+        let e = Envelope::parse(br#"{"return": 42}"#).unwrap();
+        assert!(e.returns_id(42) && !e.returns_id(43) && !e.is_parse_error());
+        let e = Envelope::parse(
+            br#"{"error": {"class": "GenericError", "desc": "JSON parse error, x"}}"#,
+        )
+        .unwrap();
+        assert!(e.is_parse_error() && !e.returns_id(42));
     }
 }

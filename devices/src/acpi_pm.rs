@@ -56,7 +56,9 @@ impl BusDevice for AcpiPmDevice {
             SLEEP_CONTROL_PORT if value & SLP_EN != 0 => {
                 let sleep_type = (value & SLP_TYP_MASK) >> SLP_TYP_SHIFT;
                 if sleep_type != S5_SLEEP_TYPE {
-                    log::warn!("acpi: sleep state with type {sleep_type} is not supported");
+                    log_ratelimit::warn_limited!(
+                        "acpi: sleep state with type {sleep_type} is not supported"
+                    );
                     return;
                 }
                 &self.shutdown

@@ -271,7 +271,10 @@ mod tests {
         }
     }
 
-    fn gated(cap: usize, fail_first: usize) -> (GuestOutput, mpsc::Sender<()>, Arc<Mutex<Vec<u8>>>) {
+    fn gated(
+        cap: usize,
+        fail_first: usize,
+    ) -> (GuestOutput, mpsc::Sender<()>, Arc<Mutex<Vec<u8>>>) {
         let (tx, rx) = mpsc::channel();
         let got = Arc::new(Mutex::new(Vec::new()));
         let sink = Gate {

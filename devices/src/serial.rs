@@ -86,7 +86,7 @@ impl BusDevice for SerialDevice {
             return;
         }
         if let Err(e) = self.uart.write(offset as u8, data[0]) {
-            log::warn!("serial: write to register {offset}: {e}");
+            log_ratelimit::warn_limited!("serial: write to register {offset}: {e}");
         }
     }
 }
@@ -134,7 +134,13 @@ mod tests {
         }
     }
 
-    fn device() -> (SerialDevice, EventFd, EventFd, Arc<Mutex<Vec<u8>>>, GuestOutput) {
+    fn device() -> (
+        SerialDevice,
+        EventFd,
+        EventFd,
+        Arc<Mutex<Vec<u8>>>,
+        GuestOutput,
+    ) {
         let irq = EventFd::new(libc_nonblock()).unwrap();
         let ready = EventFd::new(libc_nonblock()).unwrap();
         let out = Arc::new(Mutex::new(Vec::new()));

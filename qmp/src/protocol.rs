@@ -61,6 +61,63 @@ pub fn reply(result: &Result<Value, QmpError>, id: Option<&Value>) -> Value {
     }
 }
 
+/// JSON text passed through as it is (a guest agent's `return` value): one
+/// valid JSON value on one line. Replies carrying it are written without
+/// building a [`Value`] of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawJson(Vec<u8>);
+
+impl RawJson {
+    /// `bytes` if they are one valid JSON value with no line break (a client
+    /// reading line by line must get the reply on one line).
+    pub fn new(bytes: Vec<u8>) -> Option<Self> {
+        if bytes.iter().any(|&b| b == b'\n' || b == b'\r') {
+            return None;
+        }
+        serde_json::from_slice::<&serde_json::value::RawValue>(&bytes).ok()?;
+        Some(Self(bytes))
+    }
+
+    /// The text.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<&Value> for RawJson {
+    /// `v` written the way QEMU does.
+    fn from(v: &Value) -> Self {
+        let mut out = Vec::new();
+        write_json(v, &mut out);
+        Self(out)
+    }
+}
+
+impl From<Value> for RawJson {
+    fn from(v: Value) -> Self {
+        Self::from(&v)
+    }
+}
+
+/// A reply carrying a [`RawJson`] result, on the wire (with "\r\n"), in QEMU's
+/// member order.
+pub fn reply_wire(result: &Result<RawJson, QmpError>, id: Option<&Value>) -> Vec<u8> {
+    match result {
+        Ok(raw) => {
+            let mut out = Vec::with_capacity(raw.0.len() + 32);
+            out.extend_from_slice(b"{\"return\": ");
+            out.extend_from_slice(&raw.0);
+            if let Some(id) = id {
+                out.extend_from_slice(b", \"id\": ");
+                write_json(id, &mut out);
+            }
+            out.extend_from_slice(b"}\r\n");
+            out
+        }
+        Err(e) => to_wire(&reply(&Err(e.clone()), id)),
+    }
+}
+
 /// [`reply`] for any error class name (the guest agent has its own).
 pub fn reply_parts(result: Result<&Value, (&str, &str)>, id: Option<&Value>) -> Value {
     let mut m = Map::new();

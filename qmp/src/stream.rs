@@ -16,6 +16,9 @@ pub const MAX_NESTING: usize = 1024;
 pub enum Framed {
     /// A complete JSON value.
     Value(Value),
+    /// A complete message's bytes, not parsed ([`JsonStreamer::raw`]): framing
+    /// found its end, but whether it is valid JSON is for the caller to check.
+    Raw(Vec<u8>),
     /// Bad input; the text is QEMU's description ("JSON parse error, ...").
     Error(String),
     /// The message grew past the size limit: the stream is not usable any more.
@@ -40,6 +43,8 @@ pub struct JsonStreamer {
     bad_keyword: Option<String>,
     max: usize,
     failed: bool,
+    /// Hand out messages as bytes instead of parsing them.
+    raw: bool,
 }
 
 impl Default for JsonStreamer {
@@ -76,6 +81,17 @@ impl JsonStreamer {
             bad_keyword: None,
             max,
             failed: false,
+            raw: false,
+        }
+    }
+
+    /// A streamer that hands out each message's bytes ([`Framed::Raw`]) instead
+    /// of a parsed value: its memory is the message's bytes, whatever they hold
+    /// (a `serde_json::Value` of `[0,0,0,...]` takes 16 times its text).
+    pub fn raw(max: usize) -> Self {
+        Self {
+            raw: true,
+            ..Self::new(max)
         }
     }
 
@@ -93,6 +109,8 @@ impl JsonStreamer {
     fn complete(&mut self, out: &mut Vec<Framed>) {
         let item = if let Some(kw) = self.bad_keyword.take() {
             Framed::Error(format!("JSON parse error, invalid keyword '{kw}'"))
+        } else if self.raw {
+            Framed::Raw(std::mem::take(&mut self.buf))
         } else {
             match serde_json::from_slice::<Value>(&self.buf) {
                 Ok(v) => Framed::Value(v),

@@ -98,7 +98,7 @@ fn exchange(
         let sent = t.with_device(|c, ctx| c.send_to_guest(&out, ctx));
         match sent {
             Some(n) if n == out.len() => {}
-            Some(n) => log::warn!(
+            Some(n) => log_ratelimit::warn_limited!(
                 "agent port: {} bytes for the guest dropped (buffer full)",
                 out.len() - n
             ),

@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use devices::acpi_pm::{AcpiPmAml, AcpiPmDevice, PM_PORT, PM_PORT_LEN};
 use devices::i8042::{I8042Aml, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT};
+use devices::output::{GuestOutput, Undelivered, OUTPUT_BUFFER};
 use devices::power_button::{PowerButton, PowerButtonAml, GED_GSI};
 use devices::pvpanic::{PvPanic, PvPanicAml, PVPANIC_PORT};
-use devices::output::{GuestOutput, Undelivered, OUTPUT_BUFFER};
 use devices::serial::{SerialAml, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use devices::virtio::console::Console;
 use devices::virtio::mmio::MmioTransport;

@@ -175,10 +175,12 @@ fn parse_timeout(s: &str) -> Result<u64, String> {
     match t.parse::<u64>() {
         Ok(0) => Err("the timeout must be at least 1 second".into()),
         Ok(n) if n <= MAX_TIMEOUT_SECS => Ok(n),
-        Ok(_) => Err(format!("'{s}' is too long: at most {MAX_TIMEOUT_SECS} seconds")),
-        Err(_) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => {
-            Err(format!("'{s}' is too long: at most {MAX_TIMEOUT_SECS} seconds"))
-        }
+        Ok(_) => Err(format!(
+            "'{s}' is too long: at most {MAX_TIMEOUT_SECS} seconds"
+        )),
+        Err(_) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => Err(format!(
+            "'{s}' is too long: at most {MAX_TIMEOUT_SECS} seconds"
+        )),
         Err(_) => Err(format!("'{s}' is not a whole number of seconds")),
     }
 }
@@ -382,7 +384,11 @@ mod tests {
         assert!(!c.virtio_mmio_cmdline);
         assert!(parse(&["--kernel", "k", "--agent", "/tmp/vm.qga"]).is_err());
         assert!(parse(&["--kernel", "k", "--agent-timeout", "0"]).is_err());
-        for huge in ["4294967296", "18446744073709551615", "99999999999999999999999"] {
+        for huge in [
+            "4294967296",
+            "18446744073709551615",
+            "99999999999999999999999",
+        ] {
             let e = parse(&["--kernel", "k", "--agent-timeout", huge]).unwrap_err();
             assert!(e.to_string().contains("too long"), "{e}");
             let e = parse(&["--kernel", "k", "--timeout", huge]).unwrap_err();

@@ -243,6 +243,13 @@ impl Io {
     }
 }
 
+/// Unread output a QMP client may leave when a guest agent is configured: the
+/// largest agent reply ([`agent_proxy::MAX_REPLY`], passed through as the
+/// `return` value), plus the usual allowance for events and other replies.
+pub fn qmp_output_cap_with_agent() -> usize {
+    agent_proxy::MAX_REPLY + qmp::server::MAX_PENDING_OUTPUT
+}
+
 /// Longest wait at exit for QMP clients to take their last replies and events.
 pub const EXIT_FLUSH: Duration = Duration::from_millis(800);
 
@@ -257,6 +264,11 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
         let s = QmpServer::bind(&cfg.qmp, greeting(&runtime::version()))?;
         Some(Rc::new(RefCell::new(s)))
     };
+    if let (Some(server), Some(_)) = (&server, &cfg.agent) {
+        server
+            .borrow_mut()
+            .set_max_output(qmp_output_cap_with_agent());
+    }
     let proxy = match &cfg.agent {
         Some(path) => Some(Rc::new(RefCell::new(AgentProxy::new(ProxyConfig {
             socket: Some(path.clone()),
@@ -334,9 +346,7 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
     }
     let result = rt.finish();
     if let Some(m) = &io.qmp {
-        m.server
-            .borrow_mut()
-            .flush_before_exit(EXIT_FLUSH);
+        m.server.borrow_mut().flush_before_exit(EXIT_FLUSH);
     }
     drop(raw);
     Ok(result?)
@@ -361,6 +371,16 @@ mod tests {
         vcpu::install_kick_handler().expect("kick handler");
         let persistent = Persistent::new(&cfg).expect("KVM");
         Some(Runtime::start(cfg, persistent, Vec::new(), None).expect("VM"))
+    }
+
+    /// Any reply the agent may send reaches a QMP client: the QMP output cap
+    /// holds the largest one with its envelope (`{"return": ..., "id": ...}`
+    /// and an id of up to a request's size) and the events that may precede it.
+    #[test]
+    fn output_caps_agree() {
+        let envelope = b"{\"return\": , \"id\": }\r\n".len() + agent_proxy::MAX_REQUEST;
+        assert!(qmp_output_cap_with_agent() >= agent_proxy::MAX_REPLY + envelope);
+        assert!(qmp_output_cap_with_agent() > qmp::server::MAX_PENDING_OUTPUT);
     }
 
     /// Regression: with no QMP client to send them to and no agent, the events of

@@ -152,7 +152,7 @@ fn interleaved_clients_get_their_own_replies() {
     assert_eq!(c.reply_str(), "{\"return\": 201}\n");
     assert_eq!(
         h.proxy.borrow_mut().take_qmp_replies(),
-        vec![(5, Ok(json!(500)))]
+        vec![(5, ok(json!(500)))]
     );
     for x in [&mut a, &mut b, &mut c] {
         assert!(x.nothing_pending());
@@ -213,8 +213,16 @@ fn timeout_errors_then_resyncs() {
     // The timed-out request, then syncs (one more if the first resync timed out
     // too while the agent was hung), then the new request.
     let cmds = h.agent.commands();
-    assert_eq!(cmds[..2], ["guest-sync-delimited", "guest-sync"], "{cmds:?}");
-    assert_eq!(cmds.last().map(String::as_str), Some("guest-sync"), "{cmds:?}");
+    assert_eq!(
+        cmds[..2],
+        ["guest-sync-delimited", "guest-sync"],
+        "{cmds:?}"
+    );
+    assert_eq!(
+        cmds.last().map(String::as_str),
+        Some("guest-sync"),
+        "{cmds:?}"
+    );
     let middle = &cmds[2..cmds.len() - 1];
     assert!(
         !middle.is_empty() && middle.iter().all(|c| c == "guest-sync-delimited"),
@@ -314,7 +322,9 @@ fn half_closed_client_gets_its_replies_then_eof() {
     h.open();
     let mut c = h.connect();
     h.agent.hung = true;
-    c.send(b"{\"execute\":\"guest-ping\"}\n{\"execute\":\"guest-sync\",\"arguments\":{\"id\":5}}\n");
+    c.send(
+        b"{\"execute\":\"guest-ping\"}\n{\"execute\":\"guest-sync\",\"arguments\":{\"id\":5}}\n",
+    );
     c.w.shutdown(std::net::Shutdown::Write).unwrap();
     h.pump();
     assert_eq!(h.clients(), 1, "kept while replies are owed");

@@ -139,7 +139,9 @@ impl Console {
 
     fn queue_control(&mut self, msg: Vec<u8>) {
         if self.control_out.len() >= MAX_PENDING_CONTROL {
-            log::warn!("virtio-console: control queue full; dropping a control message");
+            log_ratelimit::warn_limited!(
+                "virtio-console: control queue full; dropping a control message"
+            );
             return;
         }
         self.control_out.push_back(msg);
@@ -152,7 +154,7 @@ impl Console {
                 break;
             };
             if n < msg.len() {
-                log::warn!(
+                log_ratelimit::warn_limited!(
                     "virtio-console: control buffer too small ({n} < {})",
                     msg.len()
                 );
@@ -204,7 +206,9 @@ impl Console {
         match ev {
             event::DEVICE_READY => {
                 if value != 1 {
-                    log::warn!("virtio-console: the guest driver failed to initialise");
+                    log_ratelimit::warn_limited!(
+                        "virtio-console: the guest driver failed to initialise"
+                    );
                     return;
                 }
                 if !self.port_added {
@@ -214,7 +218,9 @@ impl Console {
             }
             event::PORT_READY if id == AGENT_PORT => {
                 if value != 1 {
-                    log::warn!("virtio-console: the guest could not add port {id}");
+                    log_ratelimit::warn_limited!(
+                        "virtio-console: the guest could not add port {id}"
+                    );
                     return;
                 }
                 let mut name = control(AGENT_PORT, event::PORT_NAME, 1);
@@ -230,7 +236,9 @@ impl Console {
                 }
             }
             event::PORT_READY | event::PORT_OPEN => {
-                log::warn!("virtio-console: control message for unknown port {id} ignored");
+                log_ratelimit::warn_limited!(
+                    "virtio-console: control message for unknown port {id} ignored"
+                );
             }
             event::PORT_ADD
             | event::PORT_REMOVE
@@ -361,7 +369,7 @@ impl VirtioDevice for Console {
                     let room = MAX_PENDING_FROM_GUEST.saturating_sub(self.from_guest.len());
                     if data.len() > room {
                         self.dropped_from_guest += data.len() - room;
-                        log::warn!(
+                        log_ratelimit::warn_limited!(
                             "virtio-console: host side not reading; {} bytes dropped",
                             self.dropped_from_guest
                         );

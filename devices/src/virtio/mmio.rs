@@ -124,7 +124,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn fail(&mut self, why: &str) {
-        log::warn!("virtio: device failed: {why}; the driver must reset it");
+        log_ratelimit::warn_limited!("virtio: device failed: {why}; the driver must reset it");
         self.failed = true;
         self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
         self.interrupt.trigger(INT_CONFIG);
@@ -168,7 +168,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             let ok = self.driver_features & !offered == 0
                 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
             if !ok {
-                log::warn!(
+                log_ratelimit::warn_limited!(
                     "virtio: driver features {:#x} not acceptable (offered {offered:#x})",
                     self.driver_features
                 );

@@ -169,13 +169,19 @@ mod tests {
         let file = temp("file");
         std::fs::write(&file, "notes").unwrap();
         let e = Listener::unix(&file).unwrap_err();
-        assert!(matches!(e, UnixBindError::NotASocket("a regular file")), "{e:?}");
+        assert!(
+            matches!(e, UnixBindError::NotASocket("a regular file")),
+            "{e:?}"
+        );
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "notes");
 
         let dir = temp("dir");
         std::fs::create_dir(&dir).unwrap();
         let e = Listener::unix(&dir).unwrap_err();
-        assert!(matches!(e, UnixBindError::NotASocket("a directory")), "{e:?}");
+        assert!(
+            matches!(e, UnixBindError::NotASocket("a directory")),
+            "{e:?}"
+        );
         assert!(dir.is_dir());
 
         let sock = temp("target");
@@ -183,8 +189,14 @@ mod tests {
         let link = temp("link");
         std::os::unix::fs::symlink(&sock, &link).unwrap();
         let e = Listener::unix(&link).unwrap_err();
-        assert!(matches!(e, UnixBindError::NotASocket("a symbolic link")), "{e:?}");
-        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(
+            matches!(e, UnixBindError::NotASocket("a symbolic link")),
+            "{e:?}"
+        );
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
 
         // A socket file that replaced ours is not removed when ours is dropped.
         let p = temp("replaced");

@@ -101,7 +101,10 @@ impl<S: Session> ConnSet<S> {
     fn refuse(&mut self, why: &str) {
         if !self.refusing {
             self.refusing = true;
-            log::warn!("{}: {why}; refusing new clients until some leave", self.names.accept_error);
+            log::warn!(
+                "{}: {why}; refusing new clients until some leave",
+                self.names.accept_error
+            );
         }
     }
 
@@ -183,7 +186,9 @@ impl<S: Session> ConnSet<S> {
             };
             let count = self.per_listener.get(&lfd).copied().unwrap_or(0);
             if count >= self.max_per_listener {
-                self.refuse(&format!("{count} clients connected, the most one socket serves"));
+                self.refuse(&format!(
+                    "{count} clients connected, the most one socket serves"
+                ));
                 drop(stream);
                 continue;
             }

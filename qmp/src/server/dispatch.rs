@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use serde_json::{json, Value};
 
 use super::{send, QmpServer};
-use crate::protocol::{self, ArgSpec, ArgType, CommandSpec, QmpError, Request};
+use crate::protocol::{self, ArgSpec, ArgType, CommandSpec, QmpError, RawJson, Request};
 use crate::stream::Framed;
 
 /// The outcome of a command.
@@ -77,11 +77,12 @@ impl QmpServer {
 
     /// Delivers the result of a deferred command; returns false if no client
     /// waits for `token` any more (it disconnected).
-    pub fn complete(&mut self, token: u64, result: Result<Value, QmpError>) -> bool {
+    pub fn complete(&mut self, token: u64, result: Result<impl Into<RawJson>, QmpError>) -> bool {
+        let result = result.map(Into::into);
         for c in self.clients.iter_mut() {
             if c.state.waiting.as_ref().is_some_and(|(t, _)| *t == token) {
                 let (_, id) = c.state.waiting.take().unwrap_or((token, None));
-                send(&mut c.conn, &protocol::reply(&result, id.as_ref()));
+                c.conn.queue(&protocol::reply_wire(&result, id.as_ref()));
                 return true;
             }
         }
@@ -98,8 +99,9 @@ impl QmpServer {
         let v = match item {
             Framed::Value(v) => v,
             Framed::Error(msg) => return Some(protocol::reply(&Err(QmpError::generic(msg)), None)),
-            // Oversized input drops the client before it reaches the inbox.
-            Framed::TooLarge => return None,
+            // Oversized input drops the client before it reaches the inbox;
+            // the server's streamers parse (no raw items).
+            Framed::TooLarge | Framed::Raw(_) => return None,
         };
         let req = match protocol::parse_request(v) {
             Ok(r) => r,

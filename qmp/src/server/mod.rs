@@ -121,6 +121,13 @@ impl QmpServer {
         })
     }
 
+    /// Changes how much unread output a client may leave before it is
+    /// disconnected (default [`MAX_PENDING_OUTPUT`]); it must hold the largest
+    /// reply the server may send.
+    pub fn set_max_output(&mut self, max: usize) {
+        self.clients.set_max_output(max);
+    }
+
     /// The endpoints, for `query-chardev`.
     pub fn chardevs(&self) -> &[ChardevInfo] {
         &self.chardevs

@@ -2,7 +2,7 @@ use super::*;
 use crate::conn::testing::{
     check_owner_only_socket, socket_path, until_quiet, EventLoop, TestClient,
 };
-use crate::protocol::{CommandSpec, Request};
+use crate::protocol::{CommandSpec, RawJson, Request};
 use serde_json::json;
 use std::cell::RefCell;
 use std::io::Write;
@@ -231,9 +231,10 @@ fn deferred_replies_keep_each_clients_order() {
     // Errors and unknown tokens.
     a.send("{\"execute\":\"guest-info\"}");
     h.pump();
-    h.server
-        .borrow_mut()
-        .complete(2, Err(QmpError::generic("Guest agent is not connected")));
+    h.server.borrow_mut().complete(
+        2,
+        Err::<RawJson, _>(QmpError::generic("Guest agent is not connected")),
+    );
     h.pump();
     assert_eq!(
         a.line(),
@@ -457,7 +458,11 @@ fn a_client_with_queued_commands_is_not_read_until_they_are_done() {
     }
     // The server read the first batch and then stopped reading: the socket
     // filled up instead of the server's memory.
-    assert!(full, "the server kept reading ({} queued)", h.server.borrow().inbox.len());
+    assert!(
+        full,
+        "the server kept reading ({} queued)",
+        h.server.borrow().inbox.len()
+    );
     let queued = h.server.borrow().inbox.len();
     assert!(queued <= 100, "{queued} queued");
     // Once the deferred reply arrives everything is answered, in order.
@@ -477,7 +482,10 @@ fn a_client_with_queued_commands_is_not_read_until_they_are_done() {
             match c.r.read_line(&mut line) {
                 Ok(0) => panic!("EOF at reply {expect}"),
                 Ok(_) if line.ends_with('\n') => {
-                    assert!(line.ends_with(&format!("\"id\": {expect}}}\r\n")), "{expect}: {line}");
+                    assert!(
+                        line.ends_with(&format!("\"id\": {expect}}}\r\n")),
+                        "{expect}: {line}"
+                    );
                     expect += 1;
                     line.clear();
                 }

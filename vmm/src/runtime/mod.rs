@@ -185,9 +185,7 @@ impl Runtime {
     /// how it ended.
     pub fn finish(mut self) -> Result<Outcome, BuildError> {
         drop(self.vm.take());
-        let lost = self
-            .persistent
-            .finish_serial(Instant::now() + OUTPUT_DRAIN);
+        let lost = self.persistent.finish_serial(Instant::now() + OUTPUT_DRAIN);
         if lost.total() > 0 {
             eprintln!(
                 "minivmm: {} bytes of guest console output could not be written ({} dropped while running, {} still unwritten at exit): the output was not read fast enough or failed",
