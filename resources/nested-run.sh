@@ -22,6 +22,8 @@
 #   MINIVMM_L1_APPEND     L1 kernel command line additions (default
 #                         mitigations=off; see below)
 #   MINIVMM_L1_CPU_EXTRA  appended to L1's -cpu option (e.g. ,-fsgsbase)
+#   MINIVMM_L1_QEMU       the QEMU binary for L1 (default: see "L1's QEMU")
+#   MINIVMM_L1_QEMU_DATA  colon-separated firmware dirs for it (QEMU's -L)
 #   MINIVMM_L1_RETRIES    reruns after an L1 kernel crash (default 2)
 #   MINIVMM_NESTED_RW     colon-separated absolute host dirs to share
 #                         read-write into L1 at the same path (e.g. the cargo
@@ -66,6 +68,43 @@ MINIVMM_IMAGES=$OUT "$SCRIPT_DIR/build-images.sh" || die "building the images fa
 for f in "$OUT/l1/vmlinuz" "$OUT/l1/initrd.img"; do
     [[ -s "$f" ]] || die "missing $f (run resources/build-images.sh)"
 done
+
+# L1's QEMU. QEMU 7.2's TCG emulation of SVM (Debian 12's qemu-system-x86)
+# crashes L1's kernel in most runs of the real-guest tests: an exception taken
+# in KVM's window between #VMEXIT and VMLOAD, with L2's GS base, recursing
+# into a stack overflow. QEMU 10 (bookworm-backports) ran them without a crash.
+# So on Debian 12 the backports QEMU is unpacked once into the image dir (not
+# installed: the system QEMU and its virtiofsd stay as they are) and used for
+# L1; elsewhere, or if that fails, the system QEMU is used with a warning.
+l1_qemu_data=
+if [[ -z "${MINIVMM_L1_QEMU:-}" ]]; then
+    l1_root=$OUT/l1-qemu
+    if [[ ! -x "$l1_root/root/usr/bin/qemu-system-x86_64" ]] &&
+        grep -qx 'VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null; then
+        log "fetching QEMU from bookworm-backports for L1 into $l1_root"
+        rm -rf "$l1_root" && mkdir -p "$l1_root/lists/partial" "$l1_root/cache/archives/partial" "$l1_root/debs"
+        echo 'deb http://deb.debian.org/debian bookworm-backports main' >"$l1_root/sources.list"
+        apt_opts=(-o "Dir::Etc::sourcelist=$l1_root/sources.list" -o Dir::Etc::sourceparts=-
+            -o "Dir::State::Lists=$l1_root/lists" -o "Dir::Cache=$l1_root/cache" -o APT::Sandbox::User=root)
+        if apt-get "${apt_opts[@]}" update -qq >&2 &&
+            (cd "$l1_root/debs" && apt-get "${apt_opts[@]}" download -qq \
+                qemu-system-x86 qemu-system-data qemu-system-common seabios >&2); then
+            for deb in "$l1_root"/debs/*.deb; do dpkg-deb -x "$deb" "$l1_root/root"; done
+        fi
+        rm -rf "$l1_root/lists" "$l1_root/cache" "$l1_root/debs"
+    fi
+    if [[ -x "$l1_root/root/usr/bin/qemu-system-x86_64" ]] &&
+        "$l1_root/root/usr/bin/qemu-system-x86_64" --version >/dev/null 2>&1; then
+        MINIVMM_L1_QEMU=$l1_root/root/usr/bin/qemu-system-x86_64
+        l1_qemu_data=$l1_root/root/usr/share/qemu:$l1_root/root/usr/share/seabios
+    else
+        MINIVMM_L1_QEMU=qemu-system-x86_64
+        log "WARNING: using the system QEMU ($(qemu-system-x86_64 --version | head -n1)) for L1;" \
+            "its SVM emulation may crash L1 (see resources/README.md)"
+    fi
+fi
+MINIVMM_L1_QEMU_DATA=${MINIVMM_L1_QEMU_DATA:-$l1_qemu_data}
+log "L1 QEMU: $("$MINIVMM_L1_QEMU" --version | head -n1)"
 
 mem=${MINIVMM_L1_MEM:-8192}
 cpus=${MINIVMM_L1_CPUS:-2}
@@ -156,11 +195,9 @@ fi
 chmod 0755 "$work/cmd.sh"
 
 # ------------------------------------------------------------- boot L1 -----
-# mitigations=off: with L1's default speculation mitigations its kernel
-# crashed in most runs of the real-guest tests (kernel stack overflows in KVM
-# vcpu threads under QEMU's TCG emulation of SVM; see the retry note below and
-# resources/README.md); without them the crashes have not been seen. L1 is a
-# throwaway test machine, so nothing is lost.
+# mitigations=off: L1 is a throwaway test machine; speculation mitigations
+# only slow its emulated CPU down. (They are not what crashed L1 under QEMU
+# 7.2: it crashed with and without them; see "L1's QEMU" above.)
 append="console=ttyS0 panic=-1 quiet loglevel=3 minivmm.workdir=$work ${MINIVMM_L1_APPEND-mitigations=off}"
 [[ -n "$rw_list" ]] && append+=" minivmm.rw=$rw_list"
 [[ -n "$keep_list" ]] && append+=" minivmm.keep=$keep_list"
@@ -174,7 +211,12 @@ done
 l1_cpu+=${MINIVMM_L1_CPU_EXTRA:-}
 
 # shellcheck disable=SC2054 # commas are part of QEMU option values
-qemu_cmd=(qemu-system-x86_64
+qemu_cmd=("$MINIVMM_L1_QEMU")
+if [[ -n "${MINIVMM_L1_QEMU_DATA:-}" ]]; then
+    IFS=: read -r -a data_dirs <<<"$MINIVMM_L1_QEMU_DATA"
+    for d in "${data_dirs[@]}"; do qemu_cmd+=(-L "$d"); done
+fi
+qemu_cmd+=(
     -nodefaults -no-user-config
     -accel "tcg,thread=${MINIVMM_L1_TCG_THREAD:-multi}" -cpu "$l1_cpu"
     -m "$mem" -smp "$cpus"

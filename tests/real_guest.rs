@@ -553,7 +553,11 @@ fn real_qemu_ga_through_the_agent_socket_and_qmp() {
     let r = q.cmd(&format!(
         r#"{{"execute":"guest-file-read","arguments":{{"handle":{h},"count":{n}}}}}"#
     ));
-    assert_eq!(r["return"]["count"], n, "QMP reply of a 7 MiB read");
+    assert_eq!(
+        r["return"]["count"], n,
+        "QMP reply of a 7 MiB read: error {}",
+        r["error"]
+    );
     let expected: Vec<u8> = b"0123456789abcde\n"
         .iter()
         .copied()

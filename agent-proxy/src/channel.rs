@@ -48,6 +48,12 @@ impl AgentReader {
         self.reset();
         self.discarding = true;
     }
+
+    /// Bytes held for an item not yet complete.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn pending(&self) -> usize {
+        self.streamer.pending()
+    }
 }
 
 /// What an invalid item from the agent was, for the log (not its bytes: they
@@ -245,7 +251,7 @@ impl AgentProxy {
         })));
         self.channel = Channel::Syncing {
             id,
-            deadline: Instant::now() + self.timeout,
+            deadline: self.clock.now() + self.timeout,
         };
         self.reader.discard();
     }

@@ -20,8 +20,9 @@
 //! clients and QMP, in arrival order); each reply goes to the client that sent the
 //! request, and a reply for a client that has disconnected is read and dropped.
 //! Requests are forwarded re-serialized as compact JSON plus "\n", including the
-//! client's `id` member (qemu-ga echoes it); replies are re-serialized the way
-//! qemu-ga writes them, so a client sees qemu-ga's bytes.
+//! client's `id` member (qemu-ga echoes it); replies are routed on their
+//! envelope and passed through as the agent wrote them (no JSON value is built
+//! of a reply), so a client sees qemu-ga's bytes.
 //!
 //! # Keeping the channel in sync
 //!
@@ -109,6 +110,10 @@ use vmm_sys_util::timerfd::TimerFd;
 
 mod channel;
 mod clients;
+#[cfg(any(test, feature = "fuzzing"))]
+mod fake_agent;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 mod requests;
 pub mod wire;
 
@@ -227,6 +232,27 @@ pub struct AgentProxy {
     timer_deadline: Option<std::time::Instant>,
     max_reply: usize,
     last_sync_id: i64,
+    clock: Clock,
+}
+
+/// Where the proxy reads the time: the monotonic clock, or (for the property
+/// harnesses) a clock the caller moves.
+#[derive(Debug, Clone, Default)]
+pub(crate) enum Clock {
+    #[default]
+    System,
+    #[cfg(any(test, feature = "fuzzing"))]
+    Manual(std::rc::Rc<std::cell::Cell<std::time::Instant>>),
+}
+
+impl Clock {
+    pub(crate) fn now(&self) -> std::time::Instant {
+        match self {
+            Clock::System => std::time::Instant::now(),
+            #[cfg(any(test, feature = "fuzzing"))]
+            Clock::Manual(t) => t.get(),
+        }
+    }
 }
 
 fn bind_unix(path: &Path) -> Result<Listener, ProxyError> {
@@ -277,6 +303,7 @@ impl AgentProxy {
             timer_deadline: None,
             max_reply: MAX_REPLY,
             last_sync_id: 0,
+            clock: Clock::System,
         })
     }
 

@@ -177,7 +177,7 @@ impl AgentProxy {
     /// The deadline of a request submitted now.
     pub(crate) fn new_deadline(&self) -> Instant {
         // The timeout is at most `MAX_TIMEOUT`, so this cannot overflow.
-        Instant::now() + self.timeout
+        self.clock.now() + self.timeout
     }
 
     /// The next time something times out: the request in flight, the oldest
@@ -218,7 +218,7 @@ impl AgentProxy {
         }
         let r = match want {
             Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
+                let left = d.saturating_duration_since(self.clock.now());
                 self.timer.reset(left.max(Duration::from_nanos(1)), None)
             }
             None => self.timer.clear(),
@@ -242,7 +242,7 @@ impl AgentProxy {
             )
         };
         self.timer_deadline = None;
-        let now = Instant::now();
+        let now = self.clock.now();
         let what = seconds(self.timeout);
         let desc = format!("Guest agent did not respond within {what} seconds");
         if self

@@ -8,8 +8,13 @@
 //! - [`server`]: Unix and TCP endpoints serving many clients each, with
 //!   per-client capability negotiation and bounded buffers. Commands are
 //!   executed, in order, by a [`server::Handler`] the VMM provides.
+//!
+//! With the `fuzzing` feature, `fuzzing` holds the property harnesses of the
+//! cargo-fuzz targets in `fuzz/` (the JSON streamer, QMP dispatch).
 
 pub mod conn;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod protocol;
 pub mod server;
 pub mod stream;

@@ -2,7 +2,10 @@
 //! streamer do: messages are delimited by bracket depth, not by lines, so a
 //! command may arrive split across writes and several may arrive in one write.
 //! After a lexical error the input is skipped up to the next structural or
-//! control character, so a client can always recover (a newline does it).
+//! control character, so a client can always recover: a newline does it after
+//! an error, and a 0xFF byte (never valid in JSON text, as in QEMU's lexer)
+//! does it anywhere, even inside an unfinished message or string. (A newline
+//! inside an unfinished object is whitespace, so multi-line JSON works.)
 
 use serde_json::Value;
 
@@ -162,7 +165,10 @@ impl JsonStreamer {
                     return;
                 }
                 State::String { escaped } => {
-                    if b < 0x20 {
+                    // As QEMU's lexer: control characters and 0xFE/0xFF (never
+                    // in UTF-8) end a string with an error, so 0xFF resets the
+                    // stream wherever it comes.
+                    if !(0x20..0xfe).contains(&b) {
                         return self.error(stray(b), out);
                     }
                     self.buf.push(b);

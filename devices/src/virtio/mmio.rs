@@ -115,6 +115,34 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
+    /// The queues (for the fuzzing harness).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+
+    /// Everything the transport and the device hold, for comparing states.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn state_dump(&self) -> String
+    where
+        D: std::fmt::Debug,
+    {
+        format!(
+            "{:?} queues {:?} sel {} {} {} features {:#x} status {:#x} gen {} active {} failed {} irq {:#x}",
+            self.device,
+            self.queues,
+            self.queue_sel,
+            self.device_features_sel,
+            self.driver_features_sel,
+            self.driver_features,
+            self.status,
+            self.config_generation,
+            self.active,
+            self.failed,
+            self.interrupt.status()
+        )
+    }
+
     /// Queue `index` was notified.
     pub fn notify(&mut self, index: usize) {
         if index >= self.queues.len() {

@@ -8,6 +8,8 @@
 //! irqfd. The device sits behind one mutex shared by both sides.
 
 pub mod console;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod mmio;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -22,6 +22,8 @@ use crate::stream::{Framed, DEFAULT_MAX_MESSAGE};
 
 mod dispatch;
 mod endpoint;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzzing;
 #[cfg(test)]
 mod tests;
 
