@@ -8,6 +8,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use agent_proxy::AgentProxy;
+use devices::virtio::console::AGENT_TX_QUEUE;
 use event_manager::{
     EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
 };
@@ -73,6 +74,10 @@ fn exchange(
     let mut t = port.lock().unwrap_or_else(|e| e.into_inner());
     let changes = t.device_mut().take_port_changes();
     let data = t.device_mut().take_from_guest();
+    if t.device().tx_stalled() {
+        // Room again: take the transmit buffers the guest is blocked on.
+        t.notify(AGENT_TX_QUEUE);
+    }
     let mut moved = !changes.is_empty() || !data.is_empty();
     for ch in changes {
         if ch != *open {

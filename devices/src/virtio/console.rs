@@ -30,8 +30,16 @@ pub const VIRTIO_CONSOLE_F_MULTIPORT: u64 = 1 << 1;
 pub const VIRTIO_ID_CONSOLE: u32 = 3;
 /// Host→guest bytes held while the guest is not reading.
 pub const MAX_PENDING_TO_GUEST: usize = 4 << 20;
-/// Guest→host bytes held until the VMM collects them.
+/// Guest→host bytes held until the VMM collects them: past this, the device
+/// stops taking the guest's transmit buffers (they wait in the ring, the
+/// guest's writes block) until [`Console::take_from_guest`] makes room. One
+/// chain may cross it by up to [`MAX_CHAIN`].
 pub const MAX_PENDING_FROM_GUEST: usize = 4 << 20;
+/// The largest transmit chain the guest may post; a larger one fails the device.
+pub const MAX_CHAIN: usize = 1 << 20;
+/// The queue of the agent port's guest→host data: notify it again once
+/// [`Console::tx_stalled`] and the host took the pending bytes.
+pub const AGENT_TX_QUEUE: usize = TX1;
 const MAX_PENDING_CONTROL: usize = 64;
 const QUEUE_SIZE: u16 = 256;
 const PORTS: u32 = 2;
@@ -74,7 +82,8 @@ pub struct Console {
     from_guest: Vec<u8>,
     control_out: VecDeque<Vec<u8>>,
     port_changes: Vec<bool>,
-    dropped_from_guest: usize,
+    /// The guest's transmit buffers wait for room in `from_guest`.
+    tx_stalled: bool,
 }
 
 impl Default for Console {
@@ -94,7 +103,7 @@ impl Console {
             from_guest: Vec::new(),
             control_out: VecDeque::new(),
             port_changes: Vec::new(),
-            dropped_from_guest: 0,
+            tx_stalled: false,
         }
     }
 
@@ -111,6 +120,13 @@ impl Console {
     /// Bytes the guest wrote to the port since the last call.
     pub fn take_from_guest(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.from_guest)
+    }
+
+    /// Whether guest transmit buffers may wait because the host had not taken
+    /// what the guest wrote: after [`Self::take_from_guest`], notify
+    /// [`AGENT_TX_QUEUE`] to resume.
+    pub fn tx_stalled(&self) -> bool {
+        self.tx_stalled
     }
 
     /// Bytes waiting to reach the guest.
@@ -363,19 +379,20 @@ impl VirtioDevice for Console {
             }
             TX1 => {
                 let mut any = false;
-                while let Some((head, data)) =
-                    read_next_chain(ctx.mem, &mut ctx.queues[TX1], 1 << 20)?
-                {
-                    let room = MAX_PENDING_FROM_GUEST.saturating_sub(self.from_guest.len());
-                    if data.len() > room {
-                        self.dropped_from_guest += data.len() - room;
-                        log_ratelimit::warn_limited!(
-                            "virtio-console: host side not reading; {} bytes dropped",
-                            self.dropped_from_guest
-                        );
+                // Back-pressure, never a loss: past the bound, the guest's
+                // buffers stay in the ring until the host takes its bytes.
+                self.tx_stalled = false;
+                loop {
+                    if self.from_guest.len() >= MAX_PENDING_FROM_GUEST {
+                        self.tx_stalled = true;
+                        break;
                     }
-                    self.from_guest
-                        .extend_from_slice(&data[..data.len().min(room)]);
+                    let Some((head, data)) =
+                        read_next_chain(ctx.mem, &mut ctx.queues[TX1], MAX_CHAIN)?
+                    else {
+                        break;
+                    };
+                    self.from_guest.extend_from_slice(&data);
                     complete(ctx.mem, &mut ctx.queues[TX1], head)?;
                     any = true;
                 }
@@ -387,7 +404,8 @@ impl VirtioDevice for Console {
             TX0 => {
                 // Port 0 was never added: discard anything sent on it.
                 let mut any = false;
-                while let Some((head, _)) = read_next_chain(ctx.mem, &mut ctx.queues[TX0], 1 << 20)?
+                while let Some((head, _)) =
+                    read_next_chain(ctx.mem, &mut ctx.queues[TX0], MAX_CHAIN)?
                 {
                     complete(ctx.mem, &mut ctx.queues[TX0], head)?;
                     any = true;

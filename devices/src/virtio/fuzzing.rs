@@ -13,7 +13,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::console::{Console, MAX_PENDING_FROM_GUEST, MAX_PENDING_TO_GUEST};
+use super::console::{Console, MAX_CHAIN, MAX_PENDING_FROM_GUEST, MAX_PENDING_TO_GUEST};
 use super::mmio::MmioTransport;
 use crate::bus::BusDevice;
 
@@ -338,7 +338,7 @@ pub fn virtio_console(data: &[u8]) {
             8 => {
                 let from = h.t.device_mut().take_from_guest();
                 assert!(
-                    from.len() <= MAX_PENDING_FROM_GUEST,
+                    from.len() <= MAX_PENDING_FROM_GUEST + MAX_CHAIN,
                     "guest bytes held beyond the bound"
                 );
                 let _ = h.t.device_mut().take_port_changes();

@@ -282,3 +282,32 @@ fn reset_forgets_the_port_and_reports_it_closed() {
     assert!(!c.guest_open());
     assert_eq!(c.take_port_changes(), vec![false]);
 }
+
+#[test]
+fn a_host_not_reading_stalls_the_guest_without_losing_bytes() {
+    let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 12 << 20)]).unwrap();
+    let mut g = Guest::new(&m);
+    let mut c = handshake(&mut g);
+    // 8 chains of 1 MiB, each byte telling its chain: twice the bound.
+    for i in 0..8u8 {
+        g.send(TX1, &vec![i; MAX_CHAIN]);
+    }
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert!(
+        c.tx_stalled(),
+        "past the bound the device stops taking buffers"
+    );
+    let first = g.used(TX1).len();
+    assert_eq!(
+        first,
+        MAX_PENDING_FROM_GUEST / MAX_CHAIN,
+        "the rest wait in the ring"
+    );
+    let mut got = c.take_from_guest();
+    // The host took the bytes: the transmit queue is notified again.
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert_eq!(first + g.used(TX1).len(), 8);
+    got.extend(c.take_from_guest());
+    let want: Vec<u8> = (0..8u8).flat_map(|i| vec![i; MAX_CHAIN]).collect();
+    assert!(got == want, "every byte, in order");
+}
