@@ -296,7 +296,10 @@ mod tests {
         assert!(!out.drain(Instant::now() + Duration::from_millis(50)));
         let lost = out.finish(Instant::now());
         assert_eq!(lost.total(), 10_000 - got.lock().unwrap().len() as u64);
-        assert!(lost.dropped >= 9_000, "{lost:?}");
+        // At most the buffer (1000) plus the chunk the writer thread took
+        // before the sink stuck (at most a buffer's worth) were kept.
+        assert!(lost.dropped >= 8_000, "{lost:?}");
+        assert!(lost.unwritten <= 2_000, "{lost:?}");
         drop(tx);
     }
 
