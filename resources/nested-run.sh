@@ -72,8 +72,9 @@ done
 # L1's QEMU. QEMU 7.2's TCG emulation of SVM (Debian 12's qemu-system-x86)
 # crashes L1's kernel in most runs of the real-guest tests: an exception taken
 # in KVM's window between #VMEXIT and VMLOAD, with L2's GS base, recursing
-# into a stack overflow. QEMU 10 (bookworm-backports) ran them without a crash.
-# So on Debian 12 the backports QEMU is unpacked once into the image dir (not
+# into a stack overflow. With QEMU 10 (bookworm-backports) the same crash
+# was seen once in 7 runs (and the tests ran about twice as fast), so the retry
+# below almost always recovers. So on Debian 12 the backports QEMU is unpacked once into the image dir (not
 # installed: the system QEMU and its virtiofsd stay as they are) and used for
 # L1; elsewhere, or if that fails, the system QEMU is used with a warning.
 l1_qemu_data=
