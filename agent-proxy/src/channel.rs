@@ -199,6 +199,20 @@ impl AgentProxy {
                     Framed::Raw(m) => wire::Envelope::parse(m).map(|e| (m, e)),
                     _ => None,
                 };
+                if let Some((_, env)) = reply
+                    .as_ref()
+                    .filter(|(_, e)| e.answers_another(f.req.id.as_ref()))
+                {
+                    // The late answer to a request that ended without it (its
+                    // place was taken by stray output): the answer to the
+                    // request in flight is still to come.
+                    log_ratelimit::warn_limited!(
+                        "a guest agent reply for an earlier request (id {}): dropped",
+                        truncate_id(env.id.map_or("", |i| i.get()))
+                    );
+                    self.in_flight = Some(f);
+                    return;
+                }
                 if let Some((msg, env)) = reply {
                     let parse_error = env.is_parse_error();
                     self.deliver_agent_reply(f.req, msg, &env, sentinel);
@@ -255,4 +269,13 @@ impl AgentProxy {
         };
         self.reader.discard();
     }
+}
+
+/// An id for a log line: at most 64 bytes of it.
+fn truncate_id(id: &str) -> &str {
+    let mut end = id.len().min(64);
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    &id[..end]
 }

@@ -153,4 +153,16 @@ impl AgentProxy {
     pub fn flush(&mut self, ops: &mut EventOps) {
         self.clients.flush(ops);
     }
+
+    /// At VMM exit: answers everything still waiting as when the port closes
+    /// (the request in flight `Guest agent disappeared while executing
+    /// command`, or success for a command without success reply; queued ones
+    /// `Guest agent is not connected`), then writes every client its pending
+    /// replies and closes it, waiting for slow readers until `deadline` at
+    /// the latest. QMP callers' answers wait in [`Self::take_qmp_replies`].
+    pub fn close_for_exit(&mut self, deadline: std::time::Instant) {
+        self.port_state(false);
+        self.clients
+            .flush_before_exit(deadline.saturating_duration_since(std::time::Instant::now()));
+    }
 }

@@ -92,6 +92,7 @@ impl FakeAgent {
     }
 
     /// Names of the commands received.
+    #[cfg(test)]
     pub(crate) fn commands(&self) -> Vec<String> {
         self.seen
             .iter()

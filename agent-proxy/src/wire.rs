@@ -50,6 +50,9 @@ pub struct Envelope<'a> {
     /// The `error` member's text.
     #[serde(borrow, default)]
     pub error: Option<&'a RawValue>,
+    /// The `id` member's text (qemu-ga echoes the request's).
+    #[serde(borrow, default)]
+    pub id: Option<&'a RawValue>,
 }
 
 /// Largest `error` member read for its class and description.
@@ -103,6 +106,25 @@ impl<'a> Envelope<'a> {
                 .is_err_and(|e| e.desc.starts_with("JSON parse error"))
     }
 
+    /// Whether it carries an `id` that is not `request_id` (the id of the
+    /// request in flight): then it answers an earlier request, one that ended
+    /// without this reply (answered by stray output, or abandoned). Numbers
+    /// compare by value (an agent may write `1.0` as `1`).
+    pub fn answers_another(&self, request_id: Option<&Value>) -> bool {
+        let Some(id) = self.id else { return false };
+        let Some(request_id) = request_id else {
+            return true;
+        };
+        match serde_json::from_str::<Value>(id.get()) {
+            Ok(Value::Number(a)) => match request_id {
+                Value::Number(b) => a != *b && a.as_f64() != b.as_f64(),
+                _ => true,
+            },
+            Ok(v) => v != *request_id,
+            Err(_) => true,
+        }
+    }
+
     /// Whether it is `{"return": id}`.
     pub fn returns_id(&self, id: i64) -> bool {
         self.error.is_none()
@@ -119,6 +141,21 @@ mod tests {
 
     fn s(v: &Value) -> Vec<u8> {
         to_wire(v)
+    }
+
+    #[test]
+    fn replies_are_matched_on_their_id() {
+        let env = |m: &'static str| Envelope::parse(m.as_bytes()).expect("a reply");
+        let ours = json!("#c1");
+        assert!(!env(r##"{"return": {}, "id": "#c1"}"##).answers_another(Some(&ours)));
+        assert!(env(r##"{"return": {}, "id": "#c0"}"##).answers_another(Some(&ours)));
+        assert!(env(r##"{"return": {}, "id": "#c0"}"##).answers_another(None));
+        // No id in the reply (qemu-ga's parse errors): not known to be stale.
+        assert!(!env(r#"{"return": {}}"#).answers_another(Some(&ours)));
+        assert!(!env(r#"{"return": {}, "id": 1}"#).answers_another(Some(&json!(1.0))));
+        assert!(env(r#"{"return": {}, "id": 2}"#).answers_another(Some(&json!(1))));
+        let obj = json!({"b": 1, "a": [1, "x"]});
+        assert!(!env(r#"{"id": {"a": [1, "x"], "b": 1}, "return": 0}"#).answers_another(Some(&obj)));
     }
 
     #[test]

@@ -206,6 +206,12 @@ impl AgentLink {
         any
     }
 
+    /// At exit: answers what waits, flushes the socket clients until
+    /// `deadline` at the latest (see [`AgentProxy::close_for_exit`]).
+    pub fn close_for_exit(&self, deadline: Instant) {
+        self.proxy.borrow_mut().close_for_exit(deadline);
+    }
+
     /// Writes pending client output and updates what the proxy watches.
     pub fn flush(&self, em: &mut EventManager<Box<dyn MutEventSubscriber>>) {
         match em.event_ops(self.proxy_id) {

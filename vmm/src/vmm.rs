@@ -345,8 +345,19 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
         io.flush(&mut em);
     }
     let result = rt.finish();
+    // Last replies: what waits for the agent is answered, then every client
+    // gets what is pending, within one bound whatever the clients do.
+    let deadline = Instant::now() + EXIT_FLUSH;
+    if let Some(agent) = &io.agent {
+        agent.close_for_exit(deadline);
+        if let Some(m) = &io.qmp {
+            agent.complete_qmp(&mut m.server.borrow_mut());
+        }
+    }
     if let Some(m) = &io.qmp {
-        m.server.borrow_mut().flush_before_exit(EXIT_FLUSH);
+        m.server
+            .borrow_mut()
+            .flush_before_exit(deadline.saturating_duration_since(Instant::now()));
     }
     drop(raw);
     Ok(result?)

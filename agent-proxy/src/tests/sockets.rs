@@ -441,3 +441,88 @@ fn socket_is_owner_only_stale_replaced_live_refused() {
     );
     assert!(proxy(DEFAULT_TIMEOUT).socket_filename().is_none());
 }
+
+#[test]
+fn a_late_reply_for_an_earlier_request_is_dropped_by_its_id() {
+    // Found by the agent_proxy fuzz target: stray output answered request
+    // "a"; the agent's real answer to "a" then came while "b" was in flight
+    // and reached the client as the answer to "b".
+    let mut h = Harness::new("late-id", DEFAULT_TIMEOUT);
+    h.open();
+    let mut c = h.connect();
+    h.agent.hung = true;
+    c.send(b"{\"execute\":\"guest-ping\",\"id\":\"a\"}\n");
+    h.pump();
+    h.proxy.borrow_mut().from_guest(b"{\"return\": 7}");
+    c.send(b"{\"execute\":\"guest-ping\",\"id\":\"b\"}\n");
+    h.pump();
+    h.agent.release();
+    h.pump();
+    assert_eq!(c.reply_str(), "{\"return\": 7}\n");
+    assert_eq!(c.reply_str(), "{\"return\": {}, \"id\": \"b\"}\n");
+    assert!(c.nothing_pending());
+    // The channel stays usable.
+    c.send(b"{\"execute\":\"guest-ping\",\"id\":3}\n");
+    h.pump();
+    assert_eq!(c.reply_str(), "{\"return\": {}, \"id\": 3}\n");
+}
+
+#[test]
+fn exit_answers_what_waits_within_the_bound_whatever_clients_do() {
+    let mut h = Harness::new("exit", DEFAULT_TIMEOUT);
+    h.open();
+    // A client that never reads, with ~900 KB of reply pending (more than a
+    // socket buffer takes), connected first.
+    let mut lazy = h.connect();
+    let big = "x".repeat(900_000);
+    let msg = format!("{{\"execute\":\"guest-sync\",\"arguments\":{{\"id\":\"{big}\"}}}}\n");
+    lazy.w.set_nonblocking(true).unwrap();
+    let mut rest = msg.as_bytes();
+    while !rest.is_empty() {
+        match std::io::Write::write(&mut lazy.w, rest) {
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                h.round(5);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    h.pump();
+    assert!(h
+        .proxy
+        .borrow()
+        .clients
+        .iter()
+        .any(|c| c.conn.pending_output() > 100_000));
+    // A reader with one request in flight (the agent hangs) and one queued,
+    // and a QMP request queued.
+    let mut a = h.connect();
+    h.agent.hung = true;
+    a.send(b"{\"execute\":\"guest-ping\",\"id\":1}\n{\"execute\":\"guest-ping\",\"id\":2}\n");
+    h.pump();
+    h.proxy
+        .borrow_mut()
+        .submit_qmp(7, json!({"execute": "guest-ping"}));
+    let start = Instant::now();
+    h.proxy
+        .borrow_mut()
+        .close_for_exit(start + Duration::from_millis(300));
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(
+        a.reply_str(),
+        "{\"id\": 1, \"error\": {\"class\": \"GenericError\", \"desc\": \"Guest agent disappeared while executing command\"}}\n"
+    );
+    assert_eq!(
+        a.reply_str(),
+        "{\"id\": 2, \"error\": {\"class\": \"GenericError\", \"desc\": \"Guest agent is not connected\"}}\n"
+    );
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut a.r, &mut rest).expect("EOF after the replies");
+    assert!(rest.is_empty());
+    assert_eq!(
+        h.proxy.borrow_mut().take_qmp_replies(),
+        vec![(7, Err(AgentError::generic(NOT_CONNECTED)))]
+    );
+    drop(lazy);
+}

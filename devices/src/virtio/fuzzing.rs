@@ -72,7 +72,9 @@ fn writable(mem: &[u8], t: &MmioTransport<Console>) -> Vec<(u64, u64)> {
                 continue;
             };
             if flags & VRING_DESC_F_INDIRECT as u16 != 0 {
-                for j in 0..u64::from(len / 16) {
+                // An indirect table lies in guest memory: no more entries
+                // than fit there (a 4 GiB length would loop for minutes).
+                for j in 0..u64::from(len / 16).min(MEM_SIZE as u64 / 16) {
                     if let Some((a, l, f)) = desc(addr, j) {
                         if f & VRING_DESC_F_WRITE as u16 != 0 {
                             out.push((a, a.saturating_add(l.into())));

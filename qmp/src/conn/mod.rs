@@ -348,12 +348,18 @@ impl Conn {
     /// Closes gracefully before exit: writes what is pending (blocking, until
     /// `deadline` at the latest), shuts the write side, and reads and drops
     /// unread input (also until `deadline`), so that the peer sees EOF after
-    /// the last reply rather than a reset that may discard it. Returns false if
-    /// the deadline had passed already (nothing done).
-    pub fn close_gracefully(&mut self, deadline: Instant) -> bool {
+    /// the last reply rather than a reset that may discard it. Once the
+    /// deadline has passed it only writes what the socket takes at once and
+    /// shuts the write side.
+    pub fn close_gracefully(&mut self, deadline: Instant) {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return false;
+            self.write_out();
+            self.dead = true;
+            self.input_closed = true;
+            self.out.clear();
+            let _ = self.stream.shutdown(Shutdown::Write);
+            return;
         }
         self.dead = true;
         self.input_closed = true;
@@ -373,7 +379,6 @@ impl Conn {
             {
             }
         }
-        true
     }
 }
 

@@ -278,10 +278,13 @@ impl<S: Session> ConnSet<S> {
     /// readers.
     pub fn flush_before_exit(&mut self, limit: Duration) {
         let deadline = Instant::now() + limit;
+        // First what every socket takes at once, so that one slow reader
+        // does not use up the others' share of the time.
         for p in self.peers.values_mut() {
-            if !p.conn.close_gracefully(deadline) {
-                break;
-            }
+            p.conn.write_out();
+        }
+        for p in self.peers.values_mut() {
+            p.conn.close_gracefully(deadline);
         }
     }
 
