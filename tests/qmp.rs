@@ -251,10 +251,8 @@ fn unread_stdout_never_wedges_the_vm() {
     w.write_all(&[b'.'; 4096]).unwrap();
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD writes the number of unread bytes into `n`.
-    assert_eq!(
-        unsafe { libc::ioctl(out.as_raw_fd(), libc::FIONREAD, &mut n) },
-        0
-    );
+    let rc = unsafe { libc::ioctl(out.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(rc, 0);
     assert_eq!(n, 4096, "the pipe is full");
     let mut child = minivmm_tests::minivmm(&["--kernel", &k, "--qmp", &spec])
         .stdin(Stdio::null())
