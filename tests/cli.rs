@@ -56,6 +56,7 @@ fn help_documents_every_flag() {
         "--agent-timeout",
         "--virtio-mmio-cmdline",
         "--no-shutdown",
+        "--isa-debug-exit",
         "--help",
         "--version",
         "Ctrl-A x",

@@ -310,3 +310,35 @@ fn terminal_console_raw_mode_escape_keys_and_restore() {
         "terminal restored after SIGTERM"
     );
 }
+
+#[test]
+fn isa_debug_exit_ends_with_qemus_status() {
+    if !kvm_available("isa_debug_exit_ends_with_qemus_status") {
+        return;
+    }
+    // mov dx, 0xf4; mov eax, 3; out dx, eax (a 4-byte write, as QEMU test
+    // images do), then power off (reached only without the device).
+    let out3 = [0x66, 0xba, 0xf4, 0x00, 0xb8, 3, 0, 0, 0, 0xef];
+    let k = tiny_guest(
+        "debugexit",
+        &[
+            &code_print(b"hi\n"),
+            &out3,
+            &code_out_then_halt(PM_PORT, S5),
+        ],
+    );
+    let mut vm = Vm::spawn(&["--kernel", &k, "--isa-debug-exit"]);
+    let (st, err) = vm.wait_exit(LIMIT);
+    assert_eq!(st.code(), Some(7), "stderr: {err}");
+    let writes_3 = k;
+    assert_eq!(vm.seen, vec!["hi"], "output before the write is kept");
+    assert!(!err.contains("error"), "{err}");
+    // A one-byte write of 0x3f: status 127.
+    let k = tiny_guest("debugexit-byte", &[&code_out_then_halt(0xf4, 0x3f)]);
+    let mut vm = Vm::spawn(&["--kernel", &k, "--isa-debug-exit", "--no-shutdown"]);
+    assert_eq!(vm.wait_exit(LIMIT).0.code(), Some(127));
+    // Without the flag the port is not there: the guest goes on and powers off.
+    let mut vm = Vm::spawn(&["--kernel", &writes_3]);
+    let (st, err) = vm.wait_exit(LIMIT);
+    assert_eq!(st.code(), Some(0), "stderr: {err}");
+}

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use devices::acpi_pm::{AcpiPmAml, AcpiPmDevice, PM_PORT, PM_PORT_LEN};
+use devices::debug_exit::{DebugExit, DebugExitAml, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
 use devices::i8042::{I8042Aml, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT};
 use devices::output::{GuestOutput, Undelivered, OUTPUT_BUFFER};
 use devices::power_button::{PowerButton, PowerButtonAml, GED_GSI};
@@ -406,15 +407,17 @@ struct Devices {
 }
 
 /// Registers the VM's devices, in DSDT order: COM1, the i8042 (reset line only),
-/// the ACPI PM registers, the power button (GED), pvpanic, then, with `agent`,
-/// the guest-agent port (a virtio-console in the first virtio-mmio slot).
+/// the ACPI PM registers, the power button (GED), pvpanic, with
+/// `--isa-debug-exit` QEMU's isa-debug-exit (no ACPI node), then, with
+/// `--agent`, the guest-agent port (a virtio-console in the first virtio-mmio
+/// slot).
 fn add_devices(
     dm: &mut DeviceManager,
     mem: &GuestMemoryMmap,
     serial: &Arc<Mutex<SerialDevice>>,
     serial_irq: &EventFd,
     events: &VcpuEvents,
-    agent: bool,
+    cfg: &VmConfig,
 ) -> Result<Devices, BuildError> {
     dm.register_pio_device(
         serial.clone(),
@@ -448,7 +451,16 @@ fn add_devices(
         None,
         PvPanicAml,
     )?;
-    let agent_port = if agent {
+    if cfg.isa_debug_exit {
+        let dev = DebugExit::new(events.debug_exit_value.clone(), dup(&events.debug_exit)?);
+        dm.register_pio_device(
+            Arc::new(Mutex::new(dev)),
+            &[PortRange::new(DEBUG_EXIT_PORT, DEBUG_EXIT_LEN)],
+            None,
+            DebugExitAml,
+        )?;
+    }
+    let agent_port = if cfg.agent.is_some() {
         Some(dm.register_mmio_device(Console::default(), mem)?)
     } else {
         None
@@ -486,14 +498,7 @@ pub fn build_vm(cfg: &VmConfig, b: &Persistent, paused: bool) -> Result<Vm, Buil
 
     b.reset_serial()?;
     let mut dm = DeviceManager::new(&vm);
-    let devices = add_devices(
-        &mut dm,
-        &mem,
-        &b.serial,
-        &b.serial_irq,
-        &b.events,
-        cfg.agent.is_some(),
-    )?;
+    let devices = add_devices(&mut dm, &mem, &b.serial, &b.serial_irq, &b.events, cfg)?;
 
     let cmdline = kernel_cmdline(&cfg.cmdline, cfg.virtio_mmio_cmdline, dm.cmdline_entries());
     let cmdline_len = boot::load_cmdline(&mem, &cmdline, &kernel)?;

@@ -20,6 +20,7 @@ Exit status:
   2    bad command line
   124  --timeout expired
   130/143  stopped by SIGINT/SIGTERM (128 + signal number)
+  (V << 1) | 1  the guest wrote V to isa-debug-exit (--isa-debug-exit), as QEMU
 
 Serial console (when stdin is a terminal):
   Ctrl-A x  quit      Ctrl-A h  help      Ctrl-A Ctrl-A  send Ctrl-A
@@ -120,6 +121,13 @@ pub struct Cli {
     /// exiting; QMP "system_reset" then "cont" boots it again.
     #[arg(long)]
     pub no_shutdown: bool,
+
+    /// Add QEMU's isa-debug-exit device at I/O port 0xf4 (4 ports): a guest
+    /// write of value V ends minivmm with exit status (V << 1) | 1, as QEMU's
+    /// `-device isa-debug-exit,iobase=0xf4,iosize=0x04` (e.g. `outb 3` → 7), so
+    /// test images written for QEMU work unchanged.
+    #[arg(long)]
+    pub isa_debug_exit: bool,
 }
 
 /// Parses "512M", "1G", "4096" (bytes), "64k".
@@ -228,6 +236,7 @@ impl From<Cli> for VmConfig {
             agent: c.agent,
             agent_timeout: c.agent_timeout,
             virtio_mmio_cmdline: c.virtio_mmio_cmdline,
+            isa_debug_exit: c.isa_debug_exit,
         }
     }
 }

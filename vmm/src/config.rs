@@ -42,6 +42,8 @@ pub struct VmConfig {
     pub agent_timeout: u64,
     /// Put virtio-mmio devices on the kernel command line too.
     pub virtio_mmio_cmdline: bool,
+    /// QEMU's isa-debug-exit at port 0xf4.
+    pub isa_debug_exit: bool,
 }
 
 /// Destination of the guest's serial console.

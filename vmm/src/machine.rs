@@ -63,6 +63,8 @@ pub enum Outcome {
     Signal(i32),
     /// The guest panicked.
     Panicked,
+    /// The guest wrote this value to isa-debug-exit (`--isa-debug-exit`).
+    DebugExit(u32),
     /// The VM failed: a KVM error, a vcpu that died or stopped responding.
     Failed(String),
 }
@@ -75,13 +77,15 @@ impl Outcome {
             Outcome::Timeout(_) => 124,
             Outcome::Signal(n) => 128 + n,
             Outcome::Panicked | Outcome::Failed(_) => 1,
+            // As QEMU: exit((v << 1) | 1); the system keeps the low 8 bits.
+            Outcome::DebugExit(v) => (devices::debug_exit::exit_status(*v) & 0xff) as i32,
         }
     }
 
     /// What to tell the user on stderr, if anything.
     pub fn message(&self) -> Option<String> {
         match self {
-            Outcome::PowerOff | Outcome::QmpQuit => None,
+            Outcome::PowerOff | Outcome::QmpQuit | Outcome::DebugExit(_) => None,
             Outcome::RebootRefused => Some("guest rebooted; exiting because of --no-reboot".into()),
             Outcome::Quit => Some("quit from the console (Ctrl-A x)".into()),
             Outcome::Timeout(s) => Some(format!("--timeout of {s} s expired; VM stopped")),
@@ -110,6 +114,8 @@ pub enum Input {
     GuestReset,
     /// The guest reported a panic.
     GuestPanic,
+    /// The guest wrote this value to isa-debug-exit.
+    GuestDebugExit(u32),
     /// The VM failed (KVM error, a vcpu died or stopped responding); the text
     /// says what happened.
     VmFailed(String),
@@ -261,6 +267,8 @@ impl Machine {
                 fx
             }
             Input::VmFailed(what) => self.exit(Vec::new(), Outcome::Failed(what)),
+            // QEMU exits at once, with no event, whatever --no-shutdown says.
+            Input::GuestDebugExit(v) => self.exit(Vec::new(), Outcome::DebugExit(v)),
             Input::Signal(n) => self.exit(
                 vec![Emit(QmpEvent::Shutdown(Cause::HostSignal))],
                 Outcome::Signal(n),

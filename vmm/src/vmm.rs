@@ -114,6 +114,7 @@ impl MutEventSubscriber for Controller {
         add(&self.events.reset);
         add(&self.events.error);
         add(&self.events.panic);
+        add(&self.events.debug_exit);
         add(&self.signals);
         if let Some(t) = &self.timer {
             add(t);
@@ -143,6 +144,15 @@ impl MutEventSubscriber for Controller {
         } else if fd == ev.panic.as_raw_fd() {
             let _ = ev.panic.read();
             push(Input::GuestPanic);
+        } else if fd == ev.debug_exit.as_raw_fd() {
+            let _ = ev.debug_exit.read();
+            let v = *ev
+                .debug_exit_value
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(v) = v {
+                push(Input::GuestDebugExit(v));
+            }
         } else if fd == self.signals.as_raw_fd() {
             while let Some(sig) = read_signal(fd) {
                 push(Input::Signal(sig));

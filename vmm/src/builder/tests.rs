@@ -221,7 +221,8 @@ fn platform_devices_keep_their_guest_visible_layout() {
         .unwrap(),
     ));
     let events = VcpuEvents::new().unwrap();
-    let devices = add_devices(&mut dm, &mem, &serial, &serial_irq, &events, true).unwrap();
+    let cfg = config(&["--agent", "unix:/nonexistent/a.sock", "--isa-debug-exit"]);
+    let devices = add_devices(&mut dm, &mem, &serial, &serial_irq, &events, &cfg).unwrap();
     assert!(devices.agent_port.is_some());
 
     assert_eq!(vm.gsis(), vec![COM1_IRQ, GED_GSI, 10]);
@@ -256,10 +257,10 @@ fn platform_devices_keep_their_guest_visible_layout() {
 
     let (pio, mmio) = dm.into_buses();
     let mut b = [0u8; 1];
-    for port in [0x3f8, 0x3ff, 0x60, 0x64, 0x600, 0x607, 0x505] {
+    for port in [0x3f8, 0x3ff, 0x60, 0x64, 0x600, 0x607, 0x505, 0xf4, 0xf7] {
         assert!(pio.read(port, &mut b), "nothing at port {port:#x}");
     }
-    for port in [0x3f7, 0x400, 0x61, 0x608, 0x504] {
+    for port in [0x3f7, 0x400, 0x61, 0x608, 0x504, 0xf3, 0xf8] {
         assert!(!pio.read(port, &mut b), "something at port {port:#x}");
     }
     let mut w = [0u8; 4];
@@ -278,10 +279,25 @@ fn without_the_agent_there_is_no_mmio_device() {
         new_serial(&irq, &irq, &devices::output::GuestOutput::sink()).unwrap(),
     ));
     let events = VcpuEvents::new().unwrap();
-    let devices = add_devices(&mut dm, &mem, &serial, &irq, &events, false).unwrap();
+    let devices = add_devices(&mut dm, &mem, &serial, &irq, &events, &config(&[])).unwrap();
     assert!(devices.agent_port.is_none());
     assert_eq!(vm.gsis(), vec![COM1_IRQ, GED_GSI]);
     assert_eq!(dm.aml().len(), 5);
     assert!(dm.cmdline_entries().is_empty());
     assert_eq!(kernel_cmdline("quiet", true, dm.cmdline_entries()), "quiet");
+    let (pio, _) = dm.into_buses();
+    assert!(
+        !pio.read(0xf4, &mut [0u8; 1]),
+        "no isa-debug-exit by default"
+    );
+}
+
+/// A configuration from command-line flags (besides a kernel).
+fn config(flags: &[&str]) -> VmConfig {
+    use clap::Parser;
+    let mut args = vec!["minivmm", "--kernel", "/nonexistent/vmlinuz"];
+    args.extend_from_slice(flags);
+    crate::cli::Cli::try_parse_from(args)
+        .expect("valid flags")
+        .into()
 }

@@ -146,6 +146,25 @@ fn guest_panic_exits_or_is_kept() {
 }
 
 #[test]
+fn isa_debug_exit_ends_the_process_at_once_with_qemus_status() {
+    for mut m in [running(), kept()] {
+        assert_eq!(
+            ok(&mut m, Input::GuestDebugExit(3)),
+            vec![Exit(Outcome::DebugExit(3))]
+        );
+        assert!(m.is_exiting());
+    }
+    assert_eq!(Outcome::DebugExit(3).exit_code(), 7);
+    assert_eq!(Outcome::DebugExit(0).exit_code(), 1);
+    assert_eq!(
+        Outcome::DebugExit(0x80).exit_code(),
+        1,
+        "low 8 bits, as exit(3)"
+    );
+    assert_eq!(Outcome::DebugExit(3).message(), None, "QEMU prints nothing");
+}
+
+#[test]
 fn vm_failure_exits_1_or_is_internal_error() {
     let mut m = running();
     let fx = ok(&mut m, Input::VmFailed("vcpu0 panicked: boom".into()));

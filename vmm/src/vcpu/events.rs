@@ -16,6 +16,10 @@ pub struct VcpuEvents {
     pub error: EventFd,
     /// The guest reported a panic (pvpanic).
     pub panic: EventFd,
+    /// The guest wrote to isa-debug-exit; the value is in `debug_exit_value`.
+    pub debug_exit: EventFd,
+    /// The value the guest wrote to isa-debug-exit (the first write).
+    pub debug_exit_value: devices::debug_exit::DebugExitValue,
     /// Description of the first failure.
     pub error_info: Mutex<Option<String>>,
 }
@@ -29,6 +33,8 @@ impl VcpuEvents {
             reset: e()?,
             error: e()?,
             panic: e()?,
+            debug_exit: e()?,
+            debug_exit_value: Default::default(),
             error_info: Mutex::new(None),
         })
     }
@@ -51,9 +57,19 @@ impl VcpuEvents {
 
     /// Clears pending signals (between a VM and its rebuilt successor).
     pub fn drain(&self) {
-        for e in [&self.shutdown, &self.reset, &self.error, &self.panic] {
+        for e in [
+            &self.shutdown,
+            &self.reset,
+            &self.error,
+            &self.panic,
+            &self.debug_exit,
+        ] {
             let _ = e.read();
         }
+        self.debug_exit_value
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         self.error_info
             .lock()
             .unwrap_or_else(|e| e.into_inner())
