@@ -65,7 +65,7 @@ case "${1:-}" in
 esac
 
 OUTPUTS=("$OUT/vmlinuz" "$OUT/vmlinux" "$OUT/initrd.img" "$OUT/agent-initrd.img"
-    "$OUT/l1/vmlinuz" "$OUT/l1/initrd.img")
+    "$OUT/l1/vmlinuz" "$OUT/l1/initrd.img" "$OUT/modules/modules.dep")
 
 up_to_date() {
     local f
@@ -404,6 +404,8 @@ if [ ! -c /dev/kvm ]; then
     fail "/dev/kvm missing after insmod kvm-amd"
 fi
 
+# nested-run.sh watches for this line: without it L1 did not boot.
+echo "minivmm-l1: running the command"
 chroot /host /bin/bash "$workdir/cmd.sh" </dev/null
 finish $?
 EOF
@@ -586,6 +588,15 @@ generic_ver=$(kernel_version "$WORK/generic")
 cp "$WORK/cloud/boot/vmlinuz-$cloud_ver" "$OUT/vmlinuz.tmp"
 mv -f "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
 extract_vmlinux "$OUT/vmlinuz" "$OUT/vmlinux"
+
+# The cloud kernel's modules tree with modules.dep (as depmod leaves it on an
+# installed system), for `minivmm run --modules`: hard links to the unpacked
+# package, and `modules` pointing at lib/modules/VERSION.
+rm -rf "$OUT/cloud-modules" "$OUT/modules"
+mkdir -p "$OUT/cloud-modules/lib/modules"
+cp -al "$WORK/cloud/lib/modules/$cloud_ver" "$OUT/cloud-modules/lib/modules/"
+depmod -b "$OUT/cloud-modules" "$cloud_ver" || die "depmod failed for $cloud_ver"
+ln -s "cloud-modules/lib/modules/$cloud_ver" "$OUT/modules"
 
 # Guest initrd.
 rm -rf "$WORK/initrd"

@@ -24,7 +24,9 @@
 #   MINIVMM_L1_CPU_EXTRA  appended to L1's -cpu option (e.g. ,-fsgsbase)
 #   MINIVMM_L1_QEMU       the QEMU binary for L1 (default: see "L1's QEMU")
 #   MINIVMM_L1_QEMU_DATA  colon-separated firmware dirs for it (QEMU's -L)
-#   MINIVMM_L1_RETRIES    reruns after an L1 kernel crash (default 2)
+#   MINIVMM_L1_RETRIES    reruns after an L1 kernel crash or boot hang (default 2)
+#   MINIVMM_L1_BOOT_TIMEOUT  seconds L1 may take to start the command before it
+#                         counts as hung, is killed and rerun (default 600)
 #   MINIVMM_NESTED_RW     colon-separated absolute host dirs to share
 #                         read-write into L1 at the same path (e.g. the cargo
 #                         target dir if CMD must write there)
@@ -237,10 +239,26 @@ boot_l1() {
     start=$(date +%s)
     # Background + wait, so that the signal traps run promptly. The console is
     # streamed to stdout (CRs stripped) and saved for parsing.
+    rm -f "$work/boot-hung"
     "${qemu_cmd[@]}" </dev/null | sed -u 's/\r$//' | tee "$work/console.log" &
     pipe_pid=$!
+    # L1 prints "minivmm-l1: running the command" once booted. A boot that
+    # never gets there (seen once, on a host starved by runaway processes: no
+    # console output for 36 minutes) is killed and counts as an L1 failure.
+    (
+        for ((i = 0; i < boot_timeout; i++)); do
+            sleep 1
+            grep -aq 'minivmm-l1: running the command' "$work/console.log" 2>/dev/null && exit 0
+            kill -0 "$pipe_pid" 2>/dev/null || exit 0
+        done
+        : >"$work/boot-hung"
+        [[ -s "$work/qemu.pid" ]] && kill "$(cat "$work/qemu.pid")" 2>/dev/null
+    ) &
+    watchdog_pid=$!
     wait "$pipe_pid" || true
     pipe_pid=
+    kill "$watchdog_pid" 2>/dev/null || true
+    wait "$watchdog_pid" 2>/dev/null || true
     elapsed=$(($(date +%s) - start))
     status=
     if [[ -s "$work/exit-status" ]]; then
@@ -260,10 +278,20 @@ boot_l1() {
 # (default 2), each time with a loud line. A command that fails is never rerun.
 retries=${MINIVMM_L1_RETRIES:-2}
 [[ "$retries" =~ ^[0-9]+$ ]] || die "MINIVMM_L1_RETRIES must be a number, got '$retries'"
+boot_timeout=${MINIVMM_L1_BOOT_TIMEOUT:-600}
+[[ "$boot_timeout" =~ ^[0-9]+$ ]] || die "MINIVMM_L1_BOOT_TIMEOUT must be a number, got '$boot_timeout'"
 attempt=0
 while :; do
     boot_l1 "$@"
     [[ -n "$status" ]] && break
+    if ((attempt < retries)) && [[ -e "$work/boot-hung" ]]; then
+        attempt=$((attempt + 1))
+        cp "$work/console.log" "$work/console.hang$attempt.log"
+        log "WARNING: L1 did not start the command within ${boot_timeout}s (console kept:" \
+            "$work/console.hang$attempt.log); running it again in a fresh L1 (retry $attempt of $retries)"
+        keep=1
+        continue
+    fi
     if ((attempt < retries)) && grep -aqE 'Kernel panic - not syncing|BUG: TASK stack guard page' "$work/console.log"; then
         attempt=$((attempt + 1))
         cp "$work/console.log" "$work/console.crash$attempt.log"

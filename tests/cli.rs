@@ -262,3 +262,112 @@ fn error_chains_say_each_cause_once() {
     assert!(!root_cause.is_empty(), "{err}");
     assert_eq!(err.matches(root_cause).count(), 1, "repeated: {err}");
 }
+
+/// A file with a bzImage setup header whose version string is `version`
+/// (enough for `minivmm run` to read the version; it cannot boot).
+fn fake_bzimage(test: &str, version: &str) -> String {
+    let mut img = vec![0u8; 0x1000];
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    // kernel_version: offset of the string, minus 0x200.
+    img[0x20e..0x210].copy_from_slice(&0x0400u16.to_le_bytes());
+    let s = format!("{version} (builder@host) #1 SMP\0");
+    img[0x600..0x600 + s.len()].copy_from_slice(s.as_bytes());
+    temp_file(test, "bzImage", &img).display().to_string()
+}
+
+#[test]
+fn run_help_teaches_every_flag_and_the_exit_statuses() {
+    let o = run(&["run", "--help"]);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    for flag in [
+        "--kernel",
+        "--initrd",
+        "--modules",
+        "--add",
+        "--result",
+        "--timeout",
+        "--memory",
+        "--cpus",
+        "--append",
+        "--qmp",
+        "--verbose",
+        "--serial",
+        "--isa-debug-exit",
+        "128+N",
+        "127",
+        "126",
+        "124",
+        "125",
+        "Examples",
+    ] {
+        assert!(out.contains(flag), "run --help lacks {flag}:\n{out}");
+    }
+    assert!(stderr(&run(&["--help"])).is_empty());
+    assert!(String::from_utf8_lossy(&run(&["--help"]).stdout).contains("minivmm run"));
+}
+
+#[test]
+fn run_bad_inputs_are_one_clear_line_each() {
+    let k = fake_bzimage("run-bad", "6.1.0-99-test");
+    let dir = std::path::Path::new(&k).parent().unwrap().to_path_buf();
+    // A modules tree without the channel's modules.
+    let tree = dir.join("modules");
+    std::fs::create_dir_all(tree.join("kernel")).unwrap();
+    std::fs::write(tree.join("modules.dep"), "kernel/other.ko:\n").unwrap();
+    std::fs::write(tree.join("kernel/other.ko"), b"").unwrap();
+    let tree = tree.display().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["run", "--kernel", "/nonexistent/vmlinuz", "--", "true"],
+            "/nonexistent/vmlinuz",
+        ),
+        (
+            vec![
+                "run",
+                "--kernel",
+                &k,
+                "--modules",
+                "/nonexistent/mods",
+                "--",
+                "true",
+            ],
+            "/nonexistent/mods",
+        ),
+        (
+            vec!["run", "--kernel", &k, "--modules", &tree, "--", "true"],
+            "virtio_mmio",
+        ),
+        (
+            vec![
+                "run",
+                "--kernel",
+                &k,
+                "--modules",
+                &tree,
+                "--add",
+                "/nonexistent/file",
+                "--",
+                "true",
+            ],
+            "/nonexistent/file",
+        ),
+        (vec!["run", "--kernel", &k, "--", ""], "no command"),
+    ];
+    for (args, needle) in cases {
+        let o = run(&args);
+        assert_error(&o, needle);
+        assert_eq!(o.status.code(), Some(125), "{args:?}: {}", stderr(&o));
+        assert_eq!(
+            stderr(&o).lines().count(),
+            1,
+            "{args:?}: one line: {}",
+            stderr(&o)
+        );
+    }
+    // No command at all: a usage error.
+    let o = run(&["run", "--kernel", &k]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_error(&o, "CMD");
+}

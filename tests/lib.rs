@@ -129,6 +129,32 @@ pub fn kvm_available(test: &str) -> bool {
     false
 }
 
+/// A child process killed (and reaped) when dropped, so that a failing test
+/// leaves no VM behind.
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// A running VM whose serial console (stdout) is read line by line.
 pub struct Vm {
     child: Child,

@@ -254,12 +254,14 @@ fn unread_stdout_never_wedges_the_vm() {
     let rc = unsafe { libc::ioctl(out.as_raw_fd(), libc::FIONREAD, &mut n) };
     assert_eq!(rc, 0);
     assert_eq!(n, 4096, "the pipe is full");
-    let mut child = minivmm_tests::minivmm(&["--kernel", &k, "--qmp", &spec])
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(w))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = minivmm_tests::KillOnDrop(
+        minivmm_tests::minivmm(&["--kernel", &k, "--qmp", &spec])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(w))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut q = Qmp::negotiated(&sock);
     // The guest keeps running (its vcpu is not stuck in a write), QMP answers.
     // (A vcpu blocked writing to the pipe would sleep in every sample; one

@@ -637,3 +637,7 @@ fn real_qemu_ga_through_the_agent_socket_and_qmp() {
     let (st, err) = vm.wait_exit(BOOT);
     assert_eq!(st.code(), Some(0), "stderr: {err}");
 }
+
+/// `minivmm run` (same binary, so one nested boot of L1 runs them all).
+#[path = "real_guest_run/mod.rs"]
+mod run;

@@ -42,6 +42,8 @@ struct State {
     closing: bool,
     /// The last write failed (for logging once per episode).
     failing: bool,
+    /// Signalled after each chunk written, for a producer waiting for room.
+    progress_fd: Option<vmm_sys_util::eventfd::EventFd>,
 }
 
 struct Shared {
@@ -125,6 +127,18 @@ impl GuestOutput {
         if n > 0 {
             self.shared.data.notify_one();
         }
+    }
+
+    /// Bytes that can be pushed now without dropping any.
+    pub fn room(&self) -> usize {
+        let s = self.shared.lock();
+        s.cap.saturating_sub(s.buf.len())
+    }
+
+    /// Signals `evt` each time the writer finished a chunk, so that a producer
+    /// that waits for [`Self::room`] (instead of dropping) can wake up.
+    pub fn notify_progress(&self, evt: vmm_sys_util::eventfd::EventFd) {
+        self.shared.lock().progress_fd = Some(evt);
     }
 
     /// Waits until everything pushed so far is written or `deadline` passes.
@@ -214,6 +228,9 @@ fn writer(shared: &Shared, mut sink: Box<dyn Write + Send>) {
             }
         }
         let failed = s.failing;
+        if let Some(fd) = &s.progress_fd {
+            let _ = fd.write(1);
+        }
         drop(s);
         shared.progress.notify_all();
         if failed {
@@ -301,6 +318,26 @@ mod tests {
         assert!(lost.dropped >= 8_000, "{lost:?}");
         assert!(lost.unwritten <= 2_000, "{lost:?}");
         drop(tx);
+    }
+
+    #[test]
+    fn a_producer_waiting_for_room_loses_nothing() {
+        use vmm_sys_util::eventfd::EventFd;
+        let (out, tx, got) = gated(1000, 0);
+        let evt = EventFd::new(0).unwrap();
+        out.notify_progress(evt.try_clone().unwrap());
+        std::thread::spawn(move || while tx.send(()).is_ok() {});
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
+        for c in data.chunks(300) {
+            while out.room() < c.len() {
+                // Blocks until the writer finished a chunk.
+                evt.read().unwrap();
+            }
+            out.push(c);
+        }
+        assert!(out.drain(Instant::now() + Duration::from_secs(10)));
+        assert_eq!(*got.lock().unwrap(), data);
+        assert_eq!(out.finish(Instant::now()).total(), 0);
     }
 
     #[test]

@@ -238,6 +238,7 @@ impl Persistent {
         let sink: Box<dyn io::Write + Send> = match &cfg.serial {
             SerialBackend::Stdio => Box::new(io::stdout()),
             SerialBackend::None => Box::new(io::sink()),
+            SerialBackend::Stderr => Box::new(io::stderr()),
             SerialBackend::File(path) => Box::new(open_serial_file(path)?),
         };
         let serial_out = match cfg.serial {
@@ -460,7 +461,9 @@ fn add_devices(
             DebugExitAml,
         )?;
     }
-    let agent_port = if cfg.agent.is_some() {
+    let agent_port = if cfg.run_channel {
+        Some(dm.register_mmio_device(Console::new(run_protocol::PORT_NAME), mem)?)
+    } else if cfg.agent.is_some() {
         Some(dm.register_mmio_device(Console::default(), mem)?)
     } else {
         None

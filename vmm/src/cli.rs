@@ -32,6 +32,9 @@ Examples:
   minivmm --kernel vmlinuz --initrd agent-initrd.img --agent unix:/tmp/vm.qga &
   echo '{\"execute\":\"guest-ping\"}' | socat - UNIX-CONNECT:/tmp/vm.qga
 
+Run a command in a fresh guest and exit with its status (the CI one-liner):
+  minivmm run --kernel vmlinuz -- uname -r          (see minivmm run --help)
+
 Environment: RUST_LOG=info|debug for more log lines on stderr.";
 
 /// Command line arguments.
@@ -162,7 +165,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
-fn parse_cpus(s: &str) -> Result<u8, String> {
+pub fn parse_cpus(s: &str) -> Result<u8, String> {
     let n: u32 = s
         .trim()
         .parse()
@@ -178,7 +181,7 @@ fn parse_cpus(s: &str) -> Result<u8, String> {
 /// representable.
 const MAX_TIMEOUT_SECS: u64 = u32::MAX as u64;
 
-fn parse_timeout(s: &str) -> Result<u64, String> {
+pub fn parse_timeout(s: &str) -> Result<u64, String> {
     let t = s.trim();
     match t.parse::<u64>() {
         Ok(0) => Err("the timeout must be at least 1 second".into()),
@@ -237,6 +240,7 @@ impl From<Cli> for VmConfig {
             agent_timeout: c.agent_timeout,
             virtio_mmio_cmdline: c.virtio_mmio_cmdline,
             isa_debug_exit: c.isa_debug_exit,
+            run_channel: false,
         }
     }
 }

@@ -44,6 +44,9 @@ pub struct VmConfig {
     pub virtio_mmio_cmdline: bool,
     /// QEMU's isa-debug-exit at port 0xf4.
     pub isa_debug_exit: bool,
+    /// `minivmm run`: the virtio-console port is the run channel
+    /// ([`run_protocol::PORT_NAME`]) instead of the guest agent's.
+    pub run_channel: bool,
 }
 
 /// Destination of the guest's serial console.
@@ -55,6 +58,8 @@ pub enum SerialBackend {
     File(PathBuf),
     /// Output discarded; no input.
     None,
+    /// Output to stderr; no input (`minivmm run --verbose`).
+    Stderr,
 }
 
 impl FromStr for SerialBackend {

@@ -18,6 +18,7 @@ pub mod layout;
 pub mod machine;
 pub mod memory;
 pub mod qmp_event;
+pub mod run;
 pub mod runtime;
 pub mod terminal;
 pub mod vcpu;

@@ -65,6 +65,8 @@ pub enum Outcome {
     Panicked,
     /// The guest wrote this value to isa-debug-exit (`--isa-debug-exit`).
     DebugExit(u32),
+    /// `minivmm run`: the command ended (how, the run channel says).
+    CommandEnded,
     /// The VM failed: a KVM error, a vcpu that died or stopped responding.
     Failed(String),
 }
@@ -73,7 +75,11 @@ impl Outcome {
     /// Process exit status for this outcome.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Outcome::PowerOff | Outcome::RebootRefused | Outcome::Quit | Outcome::QmpQuit => 0,
+            Outcome::PowerOff
+            | Outcome::RebootRefused
+            | Outcome::Quit
+            | Outcome::QmpQuit
+            | Outcome::CommandEnded => 0,
             Outcome::Timeout(_) => 124,
             Outcome::Signal(n) => 128 + n,
             Outcome::Panicked | Outcome::Failed(_) => 1,
@@ -85,7 +91,10 @@ impl Outcome {
     /// What to tell the user on stderr, if anything.
     pub fn message(&self) -> Option<String> {
         match self {
-            Outcome::PowerOff | Outcome::QmpQuit | Outcome::DebugExit(_) => None,
+            Outcome::PowerOff
+            | Outcome::QmpQuit
+            | Outcome::DebugExit(_)
+            | Outcome::CommandEnded => None,
             Outcome::RebootRefused => Some("guest rebooted; exiting because of --no-reboot".into()),
             Outcome::Quit => Some("quit from the console (Ctrl-A x)".into()),
             Outcome::Timeout(s) => Some(format!("--timeout of {s} s expired; VM stopped")),
@@ -116,6 +125,8 @@ pub enum Input {
     GuestPanic,
     /// The guest wrote this value to isa-debug-exit.
     GuestDebugExit(u32),
+    /// `minivmm run`: the guest's init reported the command's end.
+    CommandEnded,
     /// The VM failed (KVM error, a vcpu died or stopped responding); the text
     /// says what happened.
     VmFailed(String),
@@ -269,6 +280,7 @@ impl Machine {
             Input::VmFailed(what) => self.exit(Vec::new(), Outcome::Failed(what)),
             // QEMU exits at once, with no event, whatever --no-shutdown says.
             Input::GuestDebugExit(v) => self.exit(Vec::new(), Outcome::DebugExit(v)),
+            Input::CommandEnded => self.exit(Vec::new(), Outcome::CommandEnded),
             Input::Signal(n) => self.exit(
                 vec![Emit(QmpEvent::Shutdown(Cause::HostSignal))],
                 Outcome::Signal(n),

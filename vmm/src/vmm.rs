@@ -26,6 +26,7 @@ use crate::console::ConsoleInput;
 use crate::machine::Input;
 pub use crate::machine::Outcome;
 use crate::qmp_event::QmpEvent;
+use crate::run::link::{RunLink, RunReport};
 use crate::runtime::{self, Runtime};
 use crate::terminal::RawTerminal;
 use crate::vcpu::{self, VcpuEvents};
@@ -54,6 +55,9 @@ pub enum VmmError {
     /// The `--timeout` timer could not be set.
     #[error("cannot set the --timeout timer")]
     Timer(#[source] io::Error),
+    /// The host side of the `minivmm run` channel could not be set up.
+    #[error("cannot set up the run channel")]
+    RunChannel(#[source] io::Error),
 }
 
 /// Inputs read from file descriptors, waiting for the runtime.
@@ -192,6 +196,7 @@ struct Io {
     inputs: Inputs,
     qmp: Option<Monitor>,
     agent: Option<AgentLink>,
+    run: Option<RunLink>,
 }
 
 impl Io {
@@ -211,6 +216,9 @@ impl Io {
             }
             if let Some(agent) = &mut self.agent {
                 progressed |= agent.round(em, rt);
+            }
+            if let Some(run) = &mut self.run {
+                progressed |= run.round(em, rt);
             }
             let events = rt.take_events();
             if let Some(m) = &self.qmp {
@@ -265,6 +273,23 @@ pub const EXIT_FLUSH: Duration = Duration::from_millis(800);
 
 /// Runs the VM described by `cfg` to its end; returns how it ended.
 pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
+    run_vm(cfg, None).map(|(outcome, _)| outcome)
+}
+
+/// What `minivmm run` adds to a VM: the host side of its channel.
+#[derive(Debug, Clone, Copy)]
+pub struct RunChannel {
+    /// Kernel log records also go to stderr as they come.
+    pub verbose: bool,
+}
+
+/// Runs the VM described by `cfg` to its end, with the run channel when
+/// `channel` is given (then `cfg.run_channel` must be set); returns how it
+/// ended and what the channel learned.
+pub fn run_vm(
+    cfg: VmConfig,
+    channel: Option<RunChannel>,
+) -> Result<(Outcome, Option<RunReport>), VmmError> {
     builder::preflight(&cfg)?;
     let signals = stop_signalfd()?;
     vcpu::install_kick_handler().map_err(VmmError::KickHandler)?;
@@ -310,6 +335,10 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
         server,
     });
     let agent = proxy.clone().map(|p| AgentLink::new(&mut em, p));
+    let run = match channel {
+        Some(c) => Some(RunLink::new(&mut em, c.verbose).map_err(VmmError::RunChannel)?),
+        None => None,
+    };
 
     let interactive = cfg.serial == SerialBackend::Stdio && stdin_is_usable();
     let raw = if interactive {
@@ -337,7 +366,12 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
     let name = cfg.name.clone().unwrap_or_else(|| "vm".into());
     let mut rt = Runtime::start(cfg, persistent, monitors, proxy)?;
     log::info!("{name}: started ({})", rt.state().as_str());
-    let mut io = Io { inputs, qmp, agent };
+    let mut io = Io {
+        inputs,
+        qmp,
+        agent,
+        run,
+    };
     while !rt.finished() {
         let waited = match io.deadline() {
             Some(d) => {
@@ -370,7 +404,8 @@ pub fn run(cfg: VmConfig) -> Result<Outcome, VmmError> {
             .flush_before_exit(deadline.saturating_duration_since(Instant::now()));
     }
     drop(raw);
-    Ok(result?)
+    let report = io.run.map(RunLink::finish);
+    Ok((result?, report))
 }
 
 #[cfg(test)]
@@ -418,6 +453,7 @@ mod tests {
             inputs: Rc::new(RefCell::new(VecDeque::new())),
             qmp: None,
             agent: None,
+            run: None,
         };
         for round in 0..20 {
             let inputs = [Input::Stop, Input::Cont, Input::SystemReset];

@@ -165,6 +165,17 @@ fn isa_debug_exit_ends_the_process_at_once_with_qemus_status() {
 }
 
 #[test]
+fn the_end_of_a_run_command_ends_the_process() {
+    for mut m in [running(), kept()] {
+        assert_eq!(
+            ok(&mut m, Input::CommandEnded),
+            vec![Exit(Outcome::CommandEnded)]
+        );
+        assert!(m.is_exiting());
+    }
+}
+
+#[test]
 fn vm_failure_exits_1_or_is_internal_error() {
     let mut m = running();
     let fx = ok(&mut m, Input::VmFailed("vcpu0 panicked: boom".into()));

@@ -126,6 +126,7 @@ impl Runtime {
             SerialBackend::Stdio => "stdio".into(),
             SerialBackend::File(p) => format!("file:{}", p.display()),
             SerialBackend::None => "null".into(),
+            SerialBackend::Stderr => "file:/dev/stderr".into(),
         };
         let mut v = vec![json!({"frontend-open": true, "filename": serial, "label": "serial0"})];
         for m in &self.monitors {

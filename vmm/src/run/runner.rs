@@ -1,0 +1,230 @@
+//! `minivmm run`: checks the inputs, makes the initramfs, runs the VM with the
+//! run channel, and turns how it ended into minivmm's exit status.
+
+use std::ffi::OsStr;
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use run_protocol::Spec;
+
+use super::cli::RunCli;
+use super::initramfs::{self, AddSpec};
+use super::verdict::{ending, result_json};
+use crate::config::{SerialBackend, VmConfig};
+use crate::error::error_chain;
+use crate::vmm::{run_vm, RunChannel};
+
+/// Modules the channel needs, when the kernel has them as modules.
+const NEEDED_MODULES: &[&str] = &["virtio_mmio", "virtio_console"];
+/// Modules packed when the tree has them: the kernel's panic reaches the host
+/// through pvpanic.
+const WANTED_MODULES: &[&str] = &["pvpanic", "pvpanic_mmio"];
+
+/// Kernel command line before the user's `--append`: the console on COM1,
+/// quiet (every byte on the 16550 is a VM exit), and a panic reboots at once
+/// (reported as a VM failure when pvpanic is not there to say "panic").
+const BASE_CMDLINE: &str = "console=ttyS0 panic=-1";
+
+/// A failure before the VM starts: one line for the user, status 125.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The command is empty.
+    #[error("no command to run: give one after `--`, e.g. `minivmm run --kernel K -- uname -r`")]
+    NoCommand,
+    /// The kernel is missing or unreadable.
+    #[error("cannot read the kernel {path}")]
+    Kernel {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--serial stdio` makes no sense here.
+    #[error("--serial stdio is not available with run (the command's output is on stdout): use file:PATH, or --verbose for stderr")]
+    SerialStdio,
+    /// Making the initramfs failed.
+    #[error(transparent)]
+    Initramfs(#[from] initramfs::InitramfsError),
+    /// The initramfs could not be handed to the VM.
+    #[error("cannot hold the generated initramfs in memory")]
+    Memfd(#[source] std::io::Error),
+    /// The result file could not be written.
+    #[error("cannot write the result file {path}")]
+    Result {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The modules to pack: from `--modules DIR`, or `/lib/modules/VERSION` when
+/// it exists; none when there is no tree (the kernel must have them built in).
+fn modules(cli: &RunCli) -> Result<Vec<(PathBuf, String)>, RunError> {
+    let version = initramfs::kernel_version_of(&cli.kernel)?;
+    let dir = match &cli.modules {
+        Some(d) => d.clone(),
+        None => {
+            let d = Path::new("/lib/modules").join(&version);
+            if !d.exists() {
+                log::info!(
+                    "no modules tree {} for kernel {version}: assuming virtio-mmio and \
+                     virtio-console are built in (else give --modules DIR)",
+                    d.display()
+                );
+                return Ok(Vec::new());
+            }
+            d
+        }
+    };
+    let mut mods = initramfs::resolve_modules(&dir, &version, NEEDED_MODULES)?;
+    for m in WANTED_MODULES {
+        match initramfs::resolve_modules(&dir, &version, &[m]) {
+            Ok(more) => {
+                for x in more {
+                    if !mods.contains(&x) {
+                        mods.push(x);
+                    }
+                }
+            }
+            Err(e) => log::debug!("optional module {m}: {e}"),
+        }
+    }
+    Ok(mods)
+}
+
+/// An in-memory file holding `bytes`, and a path the loader can open it by.
+fn memfd_with(bytes: &[u8]) -> Result<(OwnedFd, PathBuf), RunError> {
+    // SAFETY: memfd_create with a NUL-terminated name; no other memory passed.
+    let fd = unsafe { libc::memfd_create(c"minivmm-initramfs".as_ptr(), 0) };
+    if fd < 0 {
+        return Err(RunError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut f = std::fs::File::from(owned.try_clone().map_err(RunError::Memfd)?);
+    f.write_all(bytes).map_err(RunError::Memfd)?;
+    Ok((owned, PathBuf::from(format!("/proc/self/fd/{fd}"))))
+}
+
+fn prepare(cli: &RunCli) -> Result<(VmConfig, OwnedFd), RunError> {
+    if cli.command.is_empty() || cli.command[0].is_empty() {
+        return Err(RunError::NoCommand);
+    }
+    std::fs::File::open(&cli.kernel).map_err(|source| RunError::Kernel {
+        path: cli.kernel.clone(),
+        source,
+    })?;
+    let serial = match &cli.serial {
+        Some(SerialBackend::Stdio) => return Err(RunError::SerialStdio),
+        Some(s) => s.clone(),
+        None if cli.verbose => SerialBackend::Stderr,
+        None => SerialBackend::None,
+    };
+    let adds = cli
+        .add
+        .iter()
+        .map(|a| AddSpec::parse(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let modules = modules(cli)?;
+    let spec = Spec {
+        modules: modules.iter().map(|(_, guest)| guest.clone()).collect(),
+        argv: cli
+            .command
+            .iter()
+            .map(|a| OsStr::as_bytes(a).to_vec())
+            .collect(),
+        verbose: cli.verbose,
+    };
+    let image = initramfs::build(
+        super::init::INIT_ELF,
+        &spec,
+        cli.initrd.as_deref(),
+        &modules,
+        &adds,
+    )?;
+    let (fd, path) = memfd_with(&image)?;
+    let mut cmdline = BASE_CMDLINE.to_string();
+    if !cli.verbose {
+        cmdline.push_str(" quiet");
+    }
+    if !cli.append.trim().is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(cli.append.trim());
+    }
+    let cfg = VmConfig {
+        kernel: cli.kernel.clone(),
+        initrd: Some(path),
+        cmdline,
+        memory: cli.memory,
+        cpus: cli.cpus,
+        serial,
+        name: Some("run".into()),
+        uuid: None,
+        no_reboot: true,
+        timeout: cli.timeout,
+        qmp: cli.qmp.clone(),
+        paused: false,
+        no_shutdown: false,
+        agent: None,
+        agent_timeout: 30,
+        virtio_mmio_cmdline: false,
+        isa_debug_exit: cli.isa_debug_exit,
+        run_channel: true,
+    };
+    Ok((cfg, fd))
+}
+
+/// Runs `cli`; returns minivmm's exit status. `spawned` is when minivmm
+/// started (for the timings).
+pub fn execute(cli: RunCli, spawned: Instant) -> u8 {
+    let (cfg, _initramfs) = match prepare(&cli) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("minivmm: error: {}", error_chain(&e));
+            return 125;
+        }
+    };
+    let (outcome, report) = match run_vm(
+        cfg,
+        Some(RunChannel {
+            verbose: cli.verbose,
+        }),
+    ) {
+        Ok((o, Some(r))) => (o, r),
+        Ok((o, None)) => (o, Default::default()),
+        Err(e) => {
+            eprintln!("minivmm: error: {}", error_chain(&e));
+            return 125;
+        }
+    };
+    let end = ending(&outcome, &report);
+    if let Some(m) = &end.message {
+        eprintln!("minivmm: {m}");
+    }
+    if end.verdict != super::verdict::Verdict::Exited
+        && end.verdict != super::verdict::Verdict::Signaled
+        && !report.kmsg.is_empty()
+    {
+        eprintln!("minivmm: the kernel log's last lines:");
+        for l in &report.kmsg {
+            eprintln!("  {l}");
+        }
+    }
+    if let Some(path) = &cli.result {
+        let v = result_json(&end, &report, spawned, Instant::now());
+        let written = std::fs::write(path, format!("{v}\n")).map_err(|source| RunError::Result {
+            path: path.clone(),
+            source,
+        });
+        if let Err(e) = written {
+            eprintln!("minivmm: error: {}", error_chain(&e));
+        }
+    }
+    u8::try_from(end.status & 0xff).unwrap_or(125)
+}

@@ -1,0 +1,237 @@
+//! How a run ended: the verdict, minivmm's exit status, and the result file.
+
+use std::time::Instant;
+
+use run_protocol::Exit;
+use serde_json::{json, Map, Value};
+
+use super::link::RunReport;
+use crate::machine::Outcome;
+
+/// What happened to the command, as `--result` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// It exited (its status is minivmm's).
+    Exited,
+    /// A signal killed it (minivmm exits 128 + the signal).
+    Signaled,
+    /// No such command (127).
+    NotFound,
+    /// Not executable (126).
+    NotExecutable,
+    /// `--timeout` expired (124).
+    Timeout,
+    /// The kernel panicked (125).
+    Panic,
+    /// The VM failed before the command finished (125).
+    VmError,
+}
+
+impl Verdict {
+    /// Its name in the result file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Exited => "exited",
+            Verdict::Signaled => "signaled",
+            Verdict::NotFound => "not-found",
+            Verdict::NotExecutable => "not-executable",
+            Verdict::Timeout => "timeout",
+            Verdict::Panic => "panic",
+            Verdict::VmError => "vm-error",
+        }
+    }
+}
+
+/// The end of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ending {
+    /// The verdict.
+    pub verdict: Verdict,
+    /// minivmm's exit status.
+    pub status: i32,
+    /// The command's own exit status, when it exited.
+    pub command_status: Option<i32>,
+    /// The signal that killed it.
+    pub signal: Option<i32>,
+    /// What to tell the user on stderr, if anything.
+    pub message: Option<String>,
+}
+
+impl Ending {
+    fn new(verdict: Verdict, status: i32) -> Self {
+        Self {
+            verdict,
+            status,
+            command_status: None,
+            signal: None,
+            message: None,
+        }
+    }
+
+    fn say(mut self, msg: impl Into<String>) -> Self {
+        self.message = Some(msg.into());
+        self
+    }
+}
+
+/// The verdict for a VM that ended with `outcome` after the channel reported
+/// `report`.
+pub fn ending(outcome: &Outcome, report: &RunReport) -> Ending {
+    let never_started = report.ready_at.is_none();
+    match outcome {
+        Outcome::CommandEnded => match report.ended.as_ref().map(|(_, e)| e) {
+            Some(Exit::Exited(c)) => Ending {
+                command_status: Some(*c),
+                ..Ending::new(Verdict::Exited, c & 0xff)
+            },
+            Some(Exit::Signaled(n)) => Ending {
+                signal: Some(*n),
+                ..Ending::new(Verdict::Signaled, 128 + n)
+            },
+            Some(Exit::NotFound(t)) => Ending::new(Verdict::NotFound, 127).say(t.clone()),
+            Some(Exit::NotExecutable(t)) => Ending::new(Verdict::NotExecutable, 126).say(t.clone()),
+            Some(Exit::InitFailed(t)) => {
+                Ending::new(Verdict::VmError, 125).say(format!("the guest's init failed: {t}"))
+            }
+            None => Ending::new(Verdict::VmError, 125).say("the command's end was not reported"),
+        },
+        Outcome::Timeout(s) => Ending::new(Verdict::Timeout, 124)
+            .say(format!("--timeout of {s} s expired; VM stopped")),
+        Outcome::Panicked => Ending::new(Verdict::Panic, 125).say("the guest kernel panicked"),
+        Outcome::DebugExit(v) => {
+            let status = (devices::debug_exit::exit_status(*v) & 0xff) as i32;
+            Ending {
+                command_status: Some(status),
+                ..Ending::new(Verdict::Exited, status)
+            }
+        }
+        Outcome::Signal(n) => {
+            Ending::new(Verdict::VmError, 128 + n).say(outcome.message().unwrap_or_default())
+        }
+        Outcome::PowerOff if never_started => Ending::new(Verdict::VmError, 125).say(
+            "the guest powered off before its init reached the host: the kernel may lack \
+             virtio-mmio or virtio-console (build them in, or give --modules DIR)",
+        ),
+        Outcome::PowerOff => Ending::new(Verdict::VmError, 125)
+            .say("the guest powered off before the command finished"),
+        Outcome::RebootRefused => {
+            Ending::new(Verdict::VmError, 125).say("the guest rebooted before the command finished")
+        }
+        Outcome::Failed(e) => Ending::new(Verdict::VmError, 125).say(format!("the VM failed: {e}")),
+        Outcome::Quit | Outcome::QmpQuit => Ending::new(Verdict::VmError, 125)
+            .say(outcome.message().unwrap_or_else(|| "quit over QMP".into())),
+    }
+}
+
+fn ms(from: Instant, to: Instant) -> u64 {
+    to.saturating_duration_since(from).as_millis() as u64
+}
+
+/// The `--result` object.
+pub fn result_json(end: &Ending, report: &RunReport, spawned: Instant, now: Instant) -> Value {
+    let mut r = Map::new();
+    r.insert("verdict".into(), json!(end.verdict.as_str()));
+    r.insert("exit_status".into(), json!(end.status));
+    if let Some(c) = end.command_status {
+        r.insert("command_status".into(), json!(c));
+    }
+    if let Some(s) = end.signal {
+        r.insert("signal".into(), json!(s));
+    }
+    let mut t = Map::new();
+    if let Some(ready) = report.ready_at {
+        t.insert("to_init".into(), json!(ms(spawned, ready)));
+    }
+    if let Some(started) = report.started_at {
+        t.insert("to_command_start".into(), json!(ms(spawned, started)));
+        let end_at = report.ended.as_ref().map_or(now, |(at, _)| *at);
+        t.insert("command".into(), json!(ms(started, end_at)));
+    }
+    t.insert("total".into(), json!(ms(spawned, now)));
+    r.insert("timings_ms".into(), Value::Object(t));
+    if let Some(m) = &end.message {
+        r.insert("message".into(), json!(m));
+    }
+    if matches!(
+        end.verdict,
+        Verdict::Panic | Verdict::Timeout | Verdict::VmError
+    ) {
+        r.insert(
+            "diagnostics".into(),
+            json!({ "kernel_log": report.kmsg.iter().collect::<Vec<_>>() }),
+        );
+    }
+    Value::Object(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(e: Exit) -> RunReport {
+        let now = Instant::now();
+        RunReport {
+            ready_at: Some(now),
+            started_at: Some(now),
+            ended: Some((now, e)),
+            ..RunReport::default()
+        }
+    }
+
+    #[test]
+    fn statuses_follow_the_table() {
+        let cases = [
+            (Exit::Exited(0), Verdict::Exited, 0),
+            (Exit::Exited(7), Verdict::Exited, 7),
+            (Exit::Signaled(9), Verdict::Signaled, 137),
+            (
+                Exit::NotFound("x: not found".into()),
+                Verdict::NotFound,
+                127,
+            ),
+            (Exit::NotExecutable("x".into()), Verdict::NotExecutable, 126),
+            (Exit::InitFailed("mount".into()), Verdict::VmError, 125),
+        ];
+        for (exit, verdict, status) in cases {
+            let e = ending(&Outcome::CommandEnded, &ended(exit.clone()));
+            assert_eq!((e.verdict, e.status), (verdict, status), "{exit:?}");
+        }
+        let none = RunReport::default();
+        for (o, v, s) in [
+            (Outcome::Timeout(5), Verdict::Timeout, 124),
+            (Outcome::Panicked, Verdict::Panic, 125),
+            (Outcome::PowerOff, Verdict::VmError, 125),
+            (Outcome::RebootRefused, Verdict::VmError, 125),
+            (Outcome::Failed("KVM".into()), Verdict::VmError, 125),
+            (Outcome::DebugExit(3), Verdict::Exited, 7),
+            (Outcome::Signal(15), Verdict::VmError, 143),
+        ] {
+            let e = ending(&o, &none);
+            assert_eq!((e.verdict, e.status), (v, s), "{o:?}");
+        }
+        assert!(ending(&Outcome::PowerOff, &none)
+            .message
+            .unwrap()
+            .contains("--modules"));
+    }
+
+    #[test]
+    fn the_result_object() {
+        let t0 = Instant::now();
+        let mut rep = ended(Exit::Exited(3));
+        rep.kmsg.push_back("6,1,2,-;hello".into());
+        let e = ending(&Outcome::CommandEnded, &rep);
+        let v = result_json(&e, &rep, t0, Instant::now());
+        assert_eq!(v["verdict"], "exited");
+        assert_eq!(v["exit_status"], 3);
+        assert_eq!(v["command_status"], 3);
+        for k in ["to_init", "to_command_start", "command", "total"] {
+            assert!(v["timings_ms"][k].is_u64(), "{k} in {v}");
+        }
+        assert!(v.get("diagnostics").is_none());
+        let e = ending(&Outcome::Panicked, &rep);
+        let v = result_json(&e, &rep, t0, Instant::now());
+        assert_eq!(v["verdict"], "panic");
+        assert_eq!(v["diagnostics"]["kernel_log"][0], "6,1,2,-;hello");
+    }
+}
