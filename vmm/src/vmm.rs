@@ -372,6 +372,10 @@ pub fn run_vm(
         agent,
         run,
     };
+    // Attach what follows the VM (the virtio-console port's queues) before the
+    // first wait: nothing else may wake the loop until the guest needs them.
+    io.settle(&mut em, &mut rt);
+    io.flush(&mut em);
     while !rt.finished() {
         let waited = match io.deadline() {
             Some(d) => {
