@@ -331,6 +331,11 @@ impl Vm {
         self.vcpus.thread_ids()
     }
 
+    /// The vcpus' registers as they last parked.
+    pub fn vcpu_registers(&self) -> Vec<crate::vcpu::VcpuRegisters> {
+        self.vcpus.registers()
+    }
+
     /// Parks every vcpu (pending I/O completed) and freezes the guest clock. A
     /// vcpu that does not park in time is logged; it parks once it can.
     pub fn pause(&mut self) -> Result<(), VcpuError> {

@@ -286,8 +286,9 @@ impl Machine {
                 Outcome::Signal(n),
             ),
             Input::Timeout => {
+                // Paused first, so that where the vcpus were is on record.
                 let secs = self.policy.timeout.unwrap_or(0);
-                self.exit(Vec::new(), Outcome::Timeout(secs))
+                self.exit(vec![Pause], Outcome::Timeout(secs))
             }
             Input::ConsoleQuit => {
                 self.exit(vec![Emit(QmpEvent::Shutdown(Cause::HostUi))], Outcome::Quit)

@@ -392,6 +392,7 @@ pub fn run_vm(
         io.settle(&mut em, &mut rt);
         io.flush(&mut em);
     }
+    let registers = rt.timeout_registers().to_vec();
     let result = rt.finish();
     // Last replies: what waits for the agent is answered, then every client
     // gets what is pending, within one bound whatever the clients do.
@@ -408,7 +409,11 @@ pub fn run_vm(
             .flush_before_exit(deadline.saturating_duration_since(Instant::now()));
     }
     drop(raw);
-    let report = io.run.map(RunLink::finish);
+    let report = io.run.map(|r| {
+        let mut report = r.finish();
+        report.vcpus = registers;
+        report
+    });
     Ok((result?, report))
 }
 
@@ -431,6 +436,26 @@ mod tests {
         vcpu::install_kick_handler().expect("kick handler");
         let persistent = Persistent::new(&cfg).expect("KVM");
         Some(Runtime::start(cfg, persistent, Vec::new(), None).expect("VM"))
+    }
+
+    /// `--timeout` pauses the vcpus first and keeps where each was: in the
+    /// tiny guest's code (loaded at 0x100000 + the ELF headers).
+    #[test]
+    fn a_timeout_records_where_the_vcpus_were() {
+        let Some(mut rt) = tiny_runtime("timeout-registers") else {
+            return;
+        };
+        rt.input(Input::Timeout).expect("timeout");
+        assert!(rt.finished());
+        let regs = rt.timeout_registers().to_vec();
+        assert_eq!(regs.len(), 1);
+        assert_eq!(regs[0].id, 0);
+        // It may not have run yet: anywhere from the entry to the spin loop.
+        let entry = 0x10_0000 + 64 + 56;
+        let spin = entry + code_print(b"boot\n").len() as u64;
+        let rip = regs[0].regs.iter().find(|(n, _)| *n == "rip").map(|r| r.1);
+        assert!(rip.is_some_and(|r| (entry..=spin).contains(&r)), "{regs:?}");
+        assert!(regs[0].regs.iter().any(|(n, _)| *n == "cr3"));
     }
 
     /// Any reply the agent may send reaches a QMP client: the QMP output cap

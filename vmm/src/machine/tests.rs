@@ -247,7 +247,7 @@ fn host_ends() {
                 Exit(Outcome::Signal(libc::SIGTERM)),
             ],
         ),
-        (Input::Timeout, vec![Exit(Outcome::Timeout(7))]),
+        (Input::Timeout, vec![Pause, Exit(Outcome::Timeout(7))]),
         (
             Input::ConsoleQuit,
             vec![shutdown(Cause::HostUi), Exit(Outcome::Quit)],

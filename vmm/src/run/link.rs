@@ -50,6 +50,8 @@ pub struct RunReport {
     pub kmsg: VecDeque<String>,
     /// The channel broke (a malformed frame).
     pub broken: Option<String>,
+    /// Where the vcpus were when `--timeout` stopped them.
+    pub vcpus: Vec<crate::vcpu::VcpuRegisters>,
 }
 
 /// State shared with the wake-up subscriber.

@@ -207,6 +207,12 @@ pub fn execute(cli: RunCli, spawned: Instant) -> u8 {
     if let Some(m) = &end.message {
         eprintln!("minivmm: {m}");
     }
+    if !report.vcpus.is_empty() && end.verdict == super::verdict::Verdict::Timeout {
+        eprintln!("minivmm: where the vcpus were when the time ran out:");
+        for l in super::verdict::describe_vcpus(&report.vcpus) {
+            eprintln!("  {l}");
+        }
+    }
     if end.verdict != super::verdict::Verdict::Exited
         && end.verdict != super::verdict::Verdict::Signaled
         && !report.kmsg.is_empty()

@@ -7,6 +7,7 @@ use serde_json::{json, Map, Value};
 
 use super::link::RunReport;
 use crate::machine::Outcome;
+use crate::vcpu::VcpuRegisters;
 
 /// What happened to the command, as `--result` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +124,27 @@ pub fn ending(outcome: &Outcome, report: &RunReport) -> Ending {
     }
 }
 
+/// `{"id": 0, "rip": "0x...", ...}`.
+fn vcpu_json(v: &VcpuRegisters) -> Value {
+    let mut m = Map::new();
+    m.insert("id".into(), json!(v.id));
+    for (name, value) in &v.regs {
+        m.insert((*name).into(), json!(format!("{value:#x}")));
+    }
+    Value::Object(m)
+}
+
+/// The vcpus' registers as lines for stderr.
+pub fn describe_vcpus(vcpus: &[VcpuRegisters]) -> Vec<String> {
+    vcpus
+        .iter()
+        .map(|v| {
+            let regs: Vec<String> = v.regs.iter().map(|(n, x)| format!("{n}={x:#x}")).collect();
+            format!("vcpu{}: {}", v.id, regs.join(" "))
+        })
+        .collect()
+}
+
 fn ms(from: Instant, to: Instant) -> u64 {
     to.saturating_duration_since(from).as_millis() as u64
 }
@@ -156,10 +178,18 @@ pub fn result_json(end: &Ending, report: &RunReport, spawned: Instant, now: Inst
         end.verdict,
         Verdict::Panic | Verdict::Timeout | Verdict::VmError
     ) {
-        r.insert(
-            "diagnostics".into(),
-            json!({ "kernel_log": report.kmsg.iter().collect::<Vec<_>>() }),
+        let mut d = Map::new();
+        d.insert(
+            "kernel_log".into(),
+            json!(report.kmsg.iter().collect::<Vec<_>>()),
         );
+        if !report.vcpus.is_empty() {
+            d.insert(
+                "vcpus".into(),
+                Value::Array(report.vcpus.iter().map(vcpu_json).collect()),
+            );
+        }
+        r.insert("diagnostics".into(), Value::Object(d));
     }
     Value::Object(r)
 }
@@ -233,5 +263,20 @@ mod tests {
         let v = result_json(&e, &rep, t0, Instant::now());
         assert_eq!(v["verdict"], "panic");
         assert_eq!(v["diagnostics"]["kernel_log"][0], "6,1,2,-;hello");
+        assert!(v["diagnostics"].get("vcpus").is_none());
+        rep.vcpus = vec![VcpuRegisters {
+            id: 0,
+            regs: vec![("rip", 0xffff_ffff_8100_0000), ("rsp", 0x1000)],
+        }];
+        let e = ending(&Outcome::Timeout(5), &rep);
+        let v = result_json(&e, &rep, t0, Instant::now());
+        assert_eq!(
+            v["diagnostics"]["vcpus"],
+            json!([{"id": 0, "rip": "0xffffffff81000000", "rsp": "0x1000"}])
+        );
+        assert_eq!(
+            describe_vcpus(&rep.vcpus),
+            ["vcpu0: rip=0xffffffff81000000 rsp=0x1000"]
+        );
     }
 }

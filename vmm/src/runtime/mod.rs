@@ -43,6 +43,8 @@ pub struct Runtime {
     outcome: Option<Outcome>,
     /// A rebuild failed: there is no VM to run.
     fatal: Option<BuildError>,
+    /// Where the vcpus were when `--timeout` stopped them.
+    timeout_registers: Vec<crate::vcpu::VcpuRegisters>,
 }
 
 impl Runtime {
@@ -71,6 +73,7 @@ impl Runtime {
             events: Vec::new(),
             outcome: None,
             fatal: None,
+            timeout_registers: Vec::new(),
         })
     }
 
@@ -120,7 +123,12 @@ impl Runtime {
                 }
             }
             Effect::Report(what) => eprintln!("minivmm: error: the VM failed: {what}\r"),
-            Effect::Exit(outcome) => self.outcome = Some(outcome),
+            Effect::Exit(outcome) => {
+                if let (Outcome::Timeout(_), Some(vm)) = (&outcome, &self.vm) {
+                    self.timeout_registers = vm.vcpu_registers();
+                }
+                self.outcome = Some(outcome);
+            }
         }
         Ok(())
     }
@@ -166,6 +174,11 @@ impl Runtime {
     #[cfg(test)]
     pub fn pending_events(&self) -> usize {
         self.events.len()
+    }
+
+    /// Where the vcpus were when `--timeout` stopped them (empty otherwise).
+    pub fn timeout_registers(&self) -> &[crate::vcpu::VcpuRegisters] {
+        &self.timeout_registers
     }
 
     /// Whether the process must end now.

@@ -92,6 +92,29 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     register_signal_handler(kick_signal(), handle_kick)
 }
 
+/// One vcpu's registers as it last parked: (name, value) pairs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VcpuRegisters {
+    /// The vcpu's index.
+    pub id: usize,
+    /// General and control registers, in a fixed order (`rip` first).
+    pub regs: Vec<(&'static str, u64)>,
+}
+
+/// The registers each vcpu recorded when it last parked.
+#[derive(Debug, Default)]
+pub struct Snapshots(std::sync::Mutex<Vec<Vec<(&'static str, u64)>>>);
+
+impl Snapshots {
+    fn set(&self, id: usize, regs: Vec<(&'static str, u64)>) {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if v.len() <= id {
+            v.resize(id + 1, Vec::new());
+        }
+        v[id] = regs;
+    }
+}
+
 /// The vcpu threads of one VM. Dropping it stops them.
 pub struct Vcpus {
     /// Indexed by vcpu id.
@@ -100,6 +123,7 @@ pub struct Vcpus {
     ctl: Arc<Control>,
     /// Bound of every wait for the vcpus.
     timeout: Duration,
+    snapshots: Arc<Snapshots>,
 }
 
 impl Vcpus {
@@ -131,6 +155,7 @@ impl Vcpus {
             tids: vec![0; count],
             ctl: ctl.clone(),
             timeout,
+            snapshots: Arc::new(Snapshots::default()),
         };
         let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         for (id, fd) in fds.into_iter().enumerate() {
@@ -141,6 +166,7 @@ impl Vcpus {
                 mmio: mmio.clone(),
                 events: events.clone(),
                 ctl: ctl.clone(),
+                snapshots: vcpus.snapshots.clone(),
             };
             match thread::spawn(vcpu, tid_tx.clone()) {
                 Ok(t) => vcpus.threads.push(t),
@@ -204,6 +230,18 @@ impl Vcpus {
         self.ctl
             .wait_all(self.timeout, VcpuState::is_parked)
             .map_err(|ids| self.no_response("pause", ids))
+    }
+
+    /// The registers of every vcpu as it last parked (after [`Self::pause`]:
+    /// where each stopped). A vcpu that never parked has none.
+    pub fn registers(&self) -> Vec<VcpuRegisters> {
+        let v = self.snapshots.0.lock().unwrap_or_else(|e| e.into_inner());
+        (0..self.tids.len())
+            .map(|id| VcpuRegisters {
+                id,
+                regs: v.get(id).cloned().unwrap_or_default(),
+            })
+            .collect()
     }
 
     /// Lets paused vcpus run again (halted ones stay halted).

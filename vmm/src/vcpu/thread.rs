@@ -25,6 +25,8 @@ pub(super) struct Vcpu {
     pub(super) mmio: Arc<Bus>,
     pub(super) events: Arc<VcpuEvents>,
     pub(super) ctl: Arc<Control>,
+    /// Where the registers go each time the vcpu parks.
+    pub(super) snapshots: Arc<super::Snapshots>,
 }
 
 /// Starts the thread of `vcpu`. The thread first sends its host thread id on
@@ -86,6 +88,7 @@ impl Vcpu {
             }
             if let Next::Park = self.run_once() {
                 // Halted for good, or failed: wait to be stopped.
+                self.snapshot();
                 self.ctl.park(self.id, VcpuState::Halted);
                 return;
             }
@@ -110,6 +113,7 @@ impl Vcpu {
         self.fd.set_kvm_immediate_exit(0);
         // Tell a kvmclock guest it was stopped (no soft-lockup warnings on resume).
         let _ = self.fd.kvmclock_ctrl();
+        self.snapshot();
         self.ctl.park(self.id, VcpuState::Paused) == Request::Run
     }
 
@@ -140,6 +144,36 @@ impl Vcpu {
             }
             next => next,
         }
+    }
+
+    /// Records the registers (for diagnostics after a pause).
+    fn snapshot(&self) {
+        let mut regs = Vec::new();
+        if let Ok(r) = self.fd.get_regs() {
+            regs.extend([
+                ("rip", r.rip),
+                ("rsp", r.rsp),
+                ("rflags", r.rflags),
+                ("rax", r.rax),
+                ("rbx", r.rbx),
+                ("rcx", r.rcx),
+                ("rdx", r.rdx),
+                ("rsi", r.rsi),
+                ("rdi", r.rdi),
+                ("rbp", r.rbp),
+            ]);
+        }
+        if let Ok(r) = self.fd.get_sregs() {
+            regs.extend([
+                ("cr0", r.cr0),
+                ("cr2", r.cr2),
+                ("cr3", r.cr3),
+                ("cr4", r.cr4),
+                ("efer", r.efer),
+                ("cs", u64::from(r.cs.selector)),
+            ]);
+        }
+        self.snapshots.set(self.id, regs);
     }
 
     fn fail(&self, what: &str) {
