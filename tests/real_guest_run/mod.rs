@@ -224,7 +224,9 @@ fn run_panic_and_timeout_verdicts() {
     let r = result(&res);
     assert_eq!(r["verdict"], "timeout", "{r}");
     // Where the vcpu was, read before the VM stopped: a kernel address.
-    let rip = r["diagnostics"]["vcpus"][0]["rip"].as_str().unwrap_or_default();
+    let rip = r["diagnostics"]["vcpus"][0]["rip"]
+        .as_str()
+        .unwrap_or_default();
     assert!(rip.starts_with("0xffffffff"), "{r}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("vcpu0: rip=0xffffffff"), "{err}");
