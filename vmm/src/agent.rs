@@ -113,12 +113,47 @@ fn exchange(
     moved
 }
 
+/// Keeps the queue subscriber ([`AgentQueues`]) of the current VM's
+/// virtio-console port: a rebuilt VM has a new port, and the old one is gone.
+#[derive(Debug, Default)]
+pub struct PortWatch {
+    /// The VM generation whose port is watched, and its queue subscriber.
+    attached: Option<(u64, SubscriberId)>,
+}
+
+impl PortWatch {
+    /// Follows `port` (with its VM generation, from [`Runtime::agent_port`]);
+    /// returns whether the VM changed since the last call (a port watched
+    /// before is gone). `what` names the port in log lines.
+    pub fn follow(
+        &mut self,
+        em: &mut EventManager<Box<dyn MutEventSubscriber>>,
+        port: &Option<(u64, AgentPort)>,
+        what: &str,
+    ) -> bool {
+        let generation = port.as_ref().map(|(g, _)| *g);
+        if generation == self.attached.map(|(g, _)| g) {
+            return false;
+        }
+        if let Some((_, id)) = self.attached.take() {
+            let _ = em.remove_subscriber(id);
+        }
+        if let Some((g, p)) = port {
+            match AgentQueues::new(p.clone()) {
+                Ok(sub) => self.attached = Some((*g, em.add_subscriber(Box::new(sub)))),
+                Err(e) => log::error!("{what}: {e}"),
+            }
+        }
+        true
+    }
+}
+
 /// The VMM side of the guest-agent channel across VM rebuilds.
 pub struct AgentLink {
     proxy: Rc<RefCell<AgentProxy>>,
     proxy_id: SubscriberId,
     /// The VM generation whose port is watched, and its queue subscriber.
-    attached: Option<(u64, SubscriberId)>,
+    watch: PortWatch,
     /// Whether the guest has the port open.
     open: bool,
     /// `VSERPORT_CHANGE` rate limit.
@@ -135,7 +170,7 @@ impl AgentLink {
         Self {
             proxy,
             proxy_id,
-            attached: None,
+            watch: PortWatch::default(),
             open: false,
             port_events: Throttle::new(PORT_EVENT_PERIOD),
         }
@@ -155,27 +190,16 @@ impl AgentLink {
         rt: &mut Runtime,
     ) -> bool {
         let port = rt.agent_port();
-        let generation = port.as_ref().map(|(g, _)| *g);
         let mut moved = false;
-        if generation != self.attached.map(|(g, _)| g) {
-            if let Some((_, id)) = self.attached.take() {
-                let _ = em.remove_subscriber(id);
+        if self.watch.follow(em, &port, "guest agent port") && self.open {
+            // The old VM's port is gone, and the agent with it.
+            self.open = false;
+            self.proxy.borrow_mut().port_state(false);
+            let ev = QmpEvent::AgentPort { open: false };
+            if let Some(ev) = self.port_events.offer(ev, Instant::now()) {
+                rt.emit(ev);
             }
-            if self.open {
-                self.open = false;
-                self.proxy.borrow_mut().port_state(false);
-                let ev = QmpEvent::AgentPort { open: false };
-                if let Some(ev) = self.port_events.offer(ev, Instant::now()) {
-                    rt.emit(ev);
-                }
-                moved = true;
-            }
-            if let Some((g, p)) = &port {
-                match AgentQueues::new(p.clone()) {
-                    Ok(sub) => self.attached = Some((*g, em.add_subscriber(Box::new(sub)))),
-                    Err(e) => log::error!("guest agent port: {e}"),
-                }
-            }
+            moved = true;
         }
         if let Some((_, p)) = &port {
             let proxy = &mut self.proxy.borrow_mut();

@@ -23,7 +23,7 @@ use event_manager::{
 use run_protocol::{Deframer, Exit};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::agent::AgentQueues;
+use crate::agent::PortWatch;
 use crate::builder::AgentPort;
 use crate::machine::Input;
 use crate::runtime::Runtime;
@@ -98,7 +98,7 @@ impl MutEventSubscriber for WakeSub {
 
 /// The host side of the run channel across the VM's life.
 pub struct RunLink {
-    attached: Option<(u64, SubscriberId)>,
+    watch: PortWatch,
     deframer: Deframer,
     stdout: GuestOutput,
     stderr: GuestOutput,
@@ -136,7 +136,7 @@ impl RunLink {
             wake.borrow_mut().stdin_ready = true;
         }
         Ok(Self {
-            attached: None,
+            watch: PortWatch::default(),
             deframer: Deframer::default(),
             stdout,
             stderr,
@@ -158,18 +158,7 @@ impl RunLink {
         rt: &mut Runtime,
     ) -> bool {
         let port = rt.agent_port();
-        let generation = port.as_ref().map(|(g, _)| *g);
-        if generation != self.attached.map(|(g, _)| g) {
-            if let Some((_, id)) = self.attached.take() {
-                let _ = em.remove_subscriber(id);
-            }
-            if let Some((g, p)) = &port {
-                match AgentQueues::new(p.clone()) {
-                    Ok(sub) => self.attached = Some((*g, em.add_subscriber(Box::new(sub)))),
-                    Err(e) => log::error!("run channel: {e}"),
-                }
-            }
-        }
+        self.watch.follow(em, &port, "run channel");
         let Some((_, port)) = port else { return false };
         let mut moved = std::mem::take(&mut self.wake.borrow_mut().room);
         moved |= self.take_from_guest(&port);

@@ -146,8 +146,9 @@ impl Vcpu {
         }
     }
 
-    /// Records the registers (for diagnostics after a pause).
-    fn snapshot(&self) {
+    /// General and control registers as (name, value), `rip` first; what
+    /// cannot be read is left out.
+    fn registers(&self) -> Vec<(&'static str, u64)> {
         let mut regs = Vec::new();
         if let Ok(r) = self.fd.get_regs() {
             regs.extend([
@@ -173,7 +174,12 @@ impl Vcpu {
                 ("cs", u64::from(r.cs.selector)),
             ]);
         }
-        self.snapshots.set(self.id, regs);
+        regs
+    }
+
+    /// Records the registers (for diagnostics after a pause).
+    fn snapshot(&self) {
+        self.snapshots.set(self.id, self.registers());
     }
 
     fn fail(&self, what: &str) {
@@ -182,22 +188,17 @@ impl Vcpu {
     }
 
     fn describe_registers(&self) -> String {
-        let mut s = String::new();
-        match self.fd.get_regs() {
-            Ok(r) => s.push_str(&format!(
-                "  rip={:#018x} rsp={:#018x} rflags={:#010x}\n  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n  rsi={:#018x} rdi={:#018x} rbp={:#018x}\n",
-                r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
-            )),
-            Err(e) => s.push_str(&format!("  (registers unavailable: {e})\n")),
+        let regs = self.registers();
+        if regs.is_empty() {
+            return "  (registers unavailable)".into();
         }
-        match self.fd.get_sregs() {
-            Ok(r) => s.push_str(&format!(
-                "  cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
-                r.cr0, r.cr2, r.cr3, r.cr4, r.efer, r.cs.selector
-            )),
-            Err(e) => s.push_str(&format!("  (special registers unavailable: {e})")),
-        }
-        s
+        regs.chunks(5)
+            .map(|line| {
+                let l: Vec<String> = line.iter().map(|(n, v)| format!("{n}={v:#x}")).collect();
+                format!("  {}", l.join(" "))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
