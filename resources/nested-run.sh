@@ -24,7 +24,7 @@
 #   MINIVMM_L1_CPU_EXTRA  appended to L1's -cpu option (e.g. ,-fsgsbase)
 #   MINIVMM_L1_QEMU       the QEMU binary for L1 (default: see "L1's QEMU")
 #   MINIVMM_L1_QEMU_DATA  colon-separated firmware dirs for it (QEMU's -L)
-#   MINIVMM_L1_RETRIES    reruns after an L1 kernel crash or boot hang (default 3)
+#   MINIVMM_L1_RETRIES    reruns after an L1 kernel crash or boot hang (default 5)
 #   MINIVMM_L1_BOOT_TIMEOUT  seconds L1 may take to start the command before it
 #                         counts as hung, is killed and rerun (default 600)
 #   MINIVMM_NESTED_RW     colon-separated absolute host dirs to share
@@ -275,8 +275,8 @@ boot_l1() {
 # resources/README.md). That is a failure of the emulated L1 machine, not of
 # the command: when L1 panics without reporting an exit status, the whole
 # command is run again in a fresh L1, at most MINIVMM_L1_RETRIES times
-# (default 3), each time with a loud line. A command that fails is never rerun.
-retries=${MINIVMM_L1_RETRIES:-3}
+# (default 5), each time with a loud line. A command that fails is never rerun.
+retries=${MINIVMM_L1_RETRIES:-5}
 [[ "$retries" =~ ^[0-9]+$ ]] || die "MINIVMM_L1_RETRIES must be a number, got '$retries'"
 boot_timeout=${MINIVMM_L1_BOOT_TIMEOUT:-600}
 [[ "$boot_timeout" =~ ^[0-9]+$ ]] || die "MINIVMM_L1_BOOT_TIMEOUT must be a number, got '$boot_timeout'"
