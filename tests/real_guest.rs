@@ -57,6 +57,27 @@ fn bzimage_boots_with_cmdline_cpus_and_memory_then_powers_off() {
 }
 
 #[test]
+fn generic_kernel_with_acpi_off_finds_every_cpu_in_the_mp_table() {
+    if !real_guest_available("generic_kernel_with_acpi_off_finds_every_cpu_in_the_mp_table") {
+        return;
+    }
+    // Debian's generic kernel reads MP tables (the cloud kernel cannot); with
+    // acpi=off the MADT is not read, so only the MP table tells of vcpu 1.
+    let mut vm = boot(
+        "l1/vmlinuz",
+        "console=ttyS0 quiet acpi=off minivmm.action=hang",
+        &["--cpus", "2"],
+    );
+    let b = vm.wait_banner(BOOT);
+    assert!(!b.release.contains("cloud"), "the generic kernel: {b:?}");
+    assert!(b.cmdline.contains("acpi=off"), "{b:?}");
+    assert_eq!(b.nproc, 2, "acpi=off --cpus 2: {b:?}");
+    vm.signal(libc::SIGTERM);
+    let (st, err) = vm.wait_exit(BOOT);
+    assert_eq!(st.code(), Some(143), "stderr: {err}");
+}
+
+#[test]
 fn elf_vmlinux_boots_with_4g() {
     if !real_guest_available("elf_vmlinux_boots_with_4g") {
         return;

@@ -1,6 +1,8 @@
-//! Reading the kernel log (`/dev/kmsg`): each record goes to the host as it
-//! comes (verbose runs) or only the last [`KEPT`] are kept, to be sent if the
-//! run fails ([`Kmsg::send_kept`]).
+//! Reading the kernel log (`/dev/kmsg`) and forwarding it to the host as it
+//! comes, whatever the console level, so the host has the last lines when a
+//! run fails (a panic, a hang). Records that arrive together are sent in one
+//! write; unless verbose, only the last [`KEPT`] of them (the host keeps no
+//! more than that).
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -13,8 +15,11 @@ use run_protocol::KMSG;
 use crate::port::Port;
 use crate::sys;
 
-/// Records kept when not verbose.
+/// Records sent from one batch when not verbose (the host keeps as many).
 pub const KEPT: usize = 50;
+
+/// Records waiting in a verbose run before the oldest are dropped.
+const VERBOSE_CAP: usize = 4096;
 
 /// Room for one record (the kernel's limit is about 1 KiB of text plus its
 /// dictionary); a smaller buffer makes the read fail with EINVAL.
@@ -24,7 +29,8 @@ const RECORD_MAX: usize = 8192;
 pub struct Kmsg {
     file: File,
     verbose: bool,
-    kept: VecDeque<Vec<u8>>,
+    /// Read, not yet sent.
+    pending: VecDeque<Vec<u8>>,
     /// It failed or ended: no more reading.
     done: bool,
 }
@@ -50,12 +56,12 @@ impl Kmsg {
         Kmsg {
             file,
             verbose: false,
-            kept: VecDeque::with_capacity(KEPT + 1),
+            pending: VecDeque::with_capacity(KEPT + 1),
             done: false,
         }
     }
 
-    /// Sends records as they come (else keeps the last [`KEPT`]).
+    /// Sends every record (else only the last [`KEPT`] of a batch).
     pub fn set_verbose(&mut self, verbose: bool) {
         self.verbose = verbose;
     }
@@ -65,9 +71,11 @@ impl Kmsg {
         !self.done
     }
 
-    /// Reads at most `max` of the records that are there; sends them to
-    /// `port` or keeps them. The error is a failed send.
-    pub fn read_records(&mut self, port: &Port, max: usize) -> io::Result<()> {
+    /// Reads at most `max` of the records that are there, without sending
+    /// them (the boot's records are read this way before the command starts:
+    /// no writes to the host for records it would drop).
+    pub fn read_records(&mut self, max: usize) {
+        let cap = if self.verbose { VERBOSE_CAP } else { KEPT };
         let mut buf = vec![0u8; RECORD_MAX];
         let mut n = 0;
         while n < max && !self.done {
@@ -75,14 +83,10 @@ impl Kmsg {
                 Ok(0) => self.done = true,
                 Ok(len) => {
                     n += 1;
-                    if self.verbose {
-                        port.send(KMSG, &buf[..len])?;
-                    } else {
-                        if self.kept.len() == KEPT {
-                            self.kept.pop_front();
-                        }
-                        self.kept.push_back(buf[..len].to_vec());
+                    if self.pending.len() == cap {
+                        self.pending.pop_front();
                     }
+                    self.pending.push_back(buf[..len].to_vec());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -92,16 +96,29 @@ impl Kmsg {
                 Err(_) => self.done = true,
             }
         }
-        Ok(())
     }
 
-    /// After a failure: reads what is left, then sends the kept records.
-    pub fn send_kept(&mut self, port: &Port) -> io::Result<()> {
-        self.read_records(port, 100_000)?;
-        while let Some(record) = self.kept.pop_front() {
-            port.send(KMSG, &record)?;
+    /// Sends what was read, in one write.
+    pub fn send_pending(&mut self, port: &Port) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let mut wire = Vec::new();
+        for record in self.pending.drain(..) {
+            run_protocol::frames(KMSG, &record, &mut wire);
+        }
+        port.write_frames(&wire)
+    }
+
+    /// Reads at most `max` records and sends them.
+    pub fn forward(&mut self, port: &Port, max: usize) -> io::Result<()> {
+        self.read_records(max);
+        self.send_pending(port)
+    }
+
+    /// Before the end: sends what is left.
+    pub fn flush(&mut self, port: &Port) -> io::Result<()> {
+        self.forward(port, 100_000)
     }
 }
 
@@ -148,42 +165,43 @@ mod tests {
     }
 
     #[test]
-    fn the_last_records_are_kept_and_sent_on_demand() {
+    fn a_batch_sends_its_last_records_in_one_write() {
         let (mut kmsg, mut src, port, host) = setup();
         for i in 0..KEPT + 10 {
             src.write_all(format!("6,{i},0,-;line {i}\n").as_bytes())
                 .unwrap();
         }
-        kmsg.read_records(&port, 5).unwrap();
-        kmsg.read_records(&port, 1000).unwrap();
+        // Read as the boot's records are: nothing sent yet.
+        kmsg.read_records(5);
+        kmsg.read_records(1000);
         assert!(kmsg.active());
         src.write_all(b"3,99,0,-;late\n").unwrap();
-        kmsg.send_kept(&port).unwrap();
+        kmsg.flush(&port).unwrap();
+        src.write_all(b"3,100,0,-;later\n").unwrap();
+        kmsg.forward(&port, 64).unwrap();
         let got = frames(port, host);
-        assert_eq!(got.len(), KEPT);
+        assert_eq!(got.len(), KEPT + 1);
         assert!(got.iter().all(|(k, _)| *k == KMSG));
         assert_eq!(got[0].1, b"6,11,0,-;line 11\n");
         assert_eq!(got[KEPT - 1].1, b"3,99,0,-;late\n");
+        assert_eq!(got[KEPT].1, b"3,100,0,-;later\n");
     }
 
     #[test]
-    fn verbose_records_go_at_once() {
+    fn verbose_runs_send_every_record() {
         let (mut kmsg, mut src, port, host) = setup();
         kmsg.set_verbose(true);
-        src.write_all(b"6,1,0,-;one\n").unwrap();
-        src.write_all(b"6,2,0,-;two\n").unwrap();
-        kmsg.read_records(&port, 100).unwrap();
+        for i in 0..KEPT + 10 {
+            src.write_all(format!("6,{i},0,-;line {i}\n").as_bytes())
+                .unwrap();
+        }
+        kmsg.forward(&port, 1000).unwrap();
         drop(src);
-        kmsg.read_records(&port, 100).unwrap();
+        kmsg.forward(&port, 100).unwrap();
         assert!(!kmsg.active());
-        kmsg.send_kept(&port).unwrap();
+        kmsg.flush(&port).unwrap();
         let got = frames(port, host);
-        assert_eq!(
-            got,
-            vec![
-                (KMSG, b"6,1,0,-;one\n".to_vec()),
-                (KMSG, b"6,2,0,-;two\n".to_vec())
-            ]
-        );
+        assert_eq!(got.len(), KEPT + 10);
+        assert_eq!(got[0], (KMSG, b"6,0,0,-;line 0\n".to_vec()));
     }
 }

@@ -86,6 +86,9 @@ impl Init {
             Ok(spec) => {
                 if let Some(kmsg) = &mut self.kmsg {
                     kmsg.set_verbose(spec.verbose);
+                    // The boot's records, kept (the last of them) for the
+                    // first send.
+                    kmsg.read_records(usize::MAX);
                 }
                 modules::load_all(&spec.modules, &self.log).err()
             }

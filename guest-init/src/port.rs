@@ -55,8 +55,13 @@ impl Port {
         } else {
             frames(kind, payload, &mut buf);
         }
+        self.write_frames(&buf)
+    }
+
+    /// Writes frames made with `run_protocol::frame(s)`, whole.
+    pub fn write_frames(&self, wire: &[u8]) -> io::Result<()> {
         (&self.file)
-            .write_all(&buf)
+            .write_all(wire)
             .map_err(|e| sys::context(e, "write to the host channel"))
     }
 

@@ -50,14 +50,11 @@ pub fn run_command(
     Pump::new(port, kmsg, reaper, child).run()
 }
 
-/// Sends `EXIT`, after the kept kernel log records if the run failed (the
-/// init, or the command by a signal: the log may say why, e.g. the OOM
-/// killer or a segfault).
+/// Sends `EXIT`, after the kernel log records not sent yet (the log may say
+/// why a run failed, e.g. the OOM killer or a segfault).
 pub fn report_exit(port: &Port, kmsg: Option<&mut Kmsg>, exit: &Exit) -> io::Result<()> {
-    if matches!(exit, Exit::InitFailed(_) | Exit::Signaled(_)) {
-        if let Some(kmsg) = kmsg {
-            kmsg.send_kept(port)?;
-        }
+    if let Some(kmsg) = kmsg {
+        kmsg.flush(port)?;
     }
     port.send(EXIT, &exit.encode())
 }
@@ -114,6 +111,10 @@ impl<'a> Pump<'a> {
     }
 
     fn run(mut self) -> io::Result<Exit> {
+        // The boot's last kernel log records, while the command starts.
+        if let Some(kmsg) = self.kmsg.as_deref_mut() {
+            kmsg.send_pending(self.port)?;
+        }
         // A SIGCHLD that came before is pending on the signalfd: no race.
         let status = loop {
             if let Some(status) = self.status.take() {
@@ -162,7 +163,7 @@ impl<'a> Pump<'a> {
                 Source::Stderr => self.forward(STDERR, None)?,
                 Source::Kmsg => {
                     if let Some(kmsg) = self.kmsg.as_deref_mut() {
-                        kmsg.read_records(self.port, KMSG_BATCH)?;
+                        kmsg.forward(self.port, KMSG_BATCH)?;
                     }
                 }
                 Source::Children => {

@@ -211,7 +211,20 @@ fn run_panic_and_timeout_verdicts() {
     let r = result(&res);
     assert_eq!(r["verdict"], "panic", "{r}");
     assert_eq!(r["exit_status"], 125);
-    assert!(r["diagnostics"].is_object(), "{r}");
+    // The kernel's last words, with `quiet`: the records the init forwarded
+    // and the panic itself, which only the console saw.
+    let log = kernel_log(&r);
+    assert!(log.len() <= 50, "{r}");
+    assert!(
+        log.iter().any(|l| l.contains("sysrq triggered crash")),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter().any(|l| l.starts_with('[') && l.contains("] ")),
+        "dmesg-style lines: {log:#?}"
+    );
+    assert!(err.contains("the kernel log's last lines"), "{err}");
+    assert!(err.contains("sysrq triggered crash"), "{err}");
 
     let out = output(
         run_cmd(
@@ -230,4 +243,54 @@ fn run_panic_and_timeout_verdicts() {
     assert!(rip.starts_with("0xffffffff"), "{r}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("vcpu0: rip=0xffffffff"), "{err}");
+    // The boot's log came over the channel although the console was quiet.
+    let log = kernel_log(&r);
+    assert!(!log.is_empty() && log.len() <= 50, "{r}");
+    assert!(log.iter().all(|l| l.starts_with('[')), "{log:#?}");
+}
+
+/// `diagnostics.kernel_log` of a result.
+fn kernel_log(r: &Value) -> Vec<String> {
+    r["diagnostics"]["kernel_log"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|l| l.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn run_isa_debug_exit_from_an_added_dynamic_program() {
+    if !real_guest_available("run_isa_debug_exit_from_an_added_dynamic_program") {
+        return;
+    }
+    // A dynamically linked host program, added at its own path: its loader
+    // and libraries come along. It writes 3 to port 0xf4: status 7, as QEMU.
+    let prog = env!("CARGO_BIN_EXE_minivmm-test-debug-exit");
+    let res = temp_file("run-debug-exit", "result.json", b"");
+    let out = output(
+        run_cmd(
+            &[
+                "--isa-debug-exit",
+                "--add",
+                prog,
+                "--result",
+                res.to_str().unwrap(),
+            ],
+            &[prog, "3"],
+        ),
+        b"",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "stderr: {err}");
+    let r = result(&res);
+    assert_eq!(r["verdict"], "exited", "{r}");
+    assert_eq!(r["exit_status"], 7, "{r}");
+    // Without the device the write does nothing and the program says so.
+    let out = output(run_cmd(&["--add", prog], &[prog, "3"]), b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(err.contains("did not end the VM"), "{err}");
 }

@@ -26,6 +26,12 @@ const OEM_ID: [u8; 6] = *b"MINVMM";
 const OEM_TABLE_ID: [u8; 8] = *b"MINIVMM ";
 const OEM_REVISION: u32 = 1;
 
+/// The IOAPIC's id (the MP table says the same).
+pub const IOAPIC_ID: u8 = 0;
+/// The IOAPIC pin of ISA IRQ 0 (the PIT): KVM routes it there, like PC
+/// hardware.
+pub const PIT_IOAPIC_PIN: u8 = 2;
+
 /// Errors writing the tables.
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
@@ -98,14 +104,13 @@ pub fn madt(cpus: u8) -> Vec<u8> {
     for id in 0..cpus {
         madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
     }
-    madt.add_structure(IoApic::new(0, IOAPIC_ADDR, 0));
-    // KVM routes the PIT (ISA IRQ 0) to IOAPIC pin 2, like PC hardware.
+    madt.add_structure(IoApic::new(IOAPIC_ID, IOAPIC_ADDR, 0));
     madt.add_structure(InterruptSourceOverride {
         r#type: 2,
         length: 10,
         bus: 0,
         source: 0,
-        gsi: 2,
+        gsi: PIT_IOAPIC_PIN.into(),
         flags: 0,
     });
     madt.add_structure(LocalApicNmi {

@@ -35,6 +35,8 @@ use crate::cpu::{self, CpuError};
 use crate::device_manager::{DeviceError, DeviceManager, Irq, PortRange};
 use crate::layout::KVM_TSS_ADDR;
 use crate::memory::{self, MemoryError};
+use crate::mptable::{self, MpTableError};
+use crate::run::klog::{LineTail, TailWriter};
 use crate::vcpu::{VcpuError, VcpuEvents, Vcpus};
 
 /// Errors building a VM.
@@ -98,6 +100,9 @@ pub enum BuildError {
     /// ACPI tables.
     #[error(transparent)]
     Acpi(#[from] AcpiError),
+    /// Writing the MP table failed.
+    #[error(transparent)]
+    MpTable(#[from] MpTableError),
     /// vcpu configuration.
     #[error(transparent)]
     Cpu(#[from] CpuError),
@@ -228,6 +233,8 @@ pub struct Persistent {
     pub serial_input_ready: EventFd,
     serial_irq: EventFd,
     serial_out: GuestOutput,
+    /// The console's last lines (`minivmm run` diagnostics).
+    pub serial_tail: Option<Arc<Mutex<LineTail>>>,
 }
 
 impl Persistent {
@@ -241,9 +248,17 @@ impl Persistent {
             SerialBackend::Stderr => Box::new(io::stderr()),
             SerialBackend::File(path) => Box::new(open_serial_file(path)?),
         };
-        let serial_out = match cfg.serial {
-            SerialBackend::None => GuestOutput::sink(),
-            _ => GuestOutput::new(sink, OUTPUT_BUFFER).map_err(BuildError::OutputThread)?,
+        // A run keeps the console's tail even when it goes nowhere.
+        let serial_tail = cfg
+            .run_channel
+            .then(|| Arc::new(Mutex::new(LineTail::default())));
+        let serial_out = match (&cfg.serial, &serial_tail) {
+            (SerialBackend::None, None) => GuestOutput::sink(),
+            (_, Some(tail)) => {
+                GuestOutput::new(Box::new(TailWriter::new(sink, tail.clone())), OUTPUT_BUFFER)
+                    .map_err(BuildError::OutputThread)?
+            }
+            (_, None) => GuestOutput::new(sink, OUTPUT_BUFFER).map_err(BuildError::OutputThread)?,
         };
         let serial_irq = new_eventfd()?;
         let serial_input_ready = new_eventfd()?;
@@ -256,6 +271,7 @@ impl Persistent {
             serial_input_ready,
             serial_irq,
             serial_out,
+            serial_tail,
         })
     }
 
@@ -511,6 +527,7 @@ pub fn build_vm(cfg: &VmConfig, b: &Persistent, paused: bool) -> Result<Vm, Buil
     let cmdline = kernel_cmdline(&cfg.cmdline, cfg.virtio_mmio_cmdline, dm.cmdline_entries());
     let cmdline_len = boot::load_cmdline(&mem, &cmdline, &kernel)?;
     let rsdp = acpi::write_tables(&mem, cfg.cpus, &dm.aml())?;
+    mptable::write(&mem, cfg.cpus)?;
     boot::write_boot_params(
         &mem,
         &BootInfo {

@@ -8,6 +8,7 @@
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  EBDA (reserved up to 0xa0000)
 //! 0x000e_0000  ACPI tables: RSDP first, where Linux scans for it (reserved)
+//! 0x000f_0000  MP table (floating pointer, then the table; reserved)
 //! 0x000f_fff0  reset vector: a stub that writes the ACPI reset register
 //! 0x0010_0000  kernel (bzImage protected-mode part; ELF loads at its own address)
 //!   ...        RAM up to min(size, 3 GiB); initrd at the top of it
@@ -38,6 +39,11 @@ pub const EBDA_START: u64 = 0x9fc00;
 pub const ACPI_START: u64 = 0xe0000;
 /// End (exclusive) of the area the ACPI tables may use.
 pub const ACPI_END: u64 = 0xf0000;
+/// The MP floating pointer, followed by the MP configuration table (in the
+/// BIOS area Linux scans for it, reserved with the ACPI area).
+pub const MPTABLE_START: u64 = 0xf0000;
+/// End (exclusive) of the area the MP table may use.
+pub const MPTABLE_END: u64 = RESET_VECTOR;
 /// The x86 reset vector (`F000:FFF0`), where a guest's "BIOS reboot" jumps.
 pub const RESET_VECTOR: u64 = 0xffff0;
 /// End of the legacy area; ordinary RAM resumes here.

@@ -17,6 +17,7 @@ pub mod error;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod mptable;
 pub mod qmp_event;
 pub mod run;
 pub mod runtime;

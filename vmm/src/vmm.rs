@@ -312,6 +312,7 @@ pub fn run_vm(
         None => None,
     };
     let persistent = Persistent::new(&cfg)?;
+    let serial_tail = persistent.serial_tail.clone();
 
     let inputs: Inputs = Rc::new(RefCell::new(VecDeque::new()));
     let mut em = EventManager::<Box<dyn MutEventSubscriber>>::new().map_err(VmmError::EventLoop)?;
@@ -412,6 +413,9 @@ pub fn run_vm(
     let report = io.run.map(|r| {
         let mut report = r.finish();
         report.vcpus = registers;
+        if let Some(tail) = &serial_tail {
+            report.console = tail.lock().unwrap_or_else(|e| e.into_inner()).lines();
+        }
         report
     });
     Ok((result?, report))

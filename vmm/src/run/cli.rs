@@ -86,7 +86,8 @@ pub struct RunCli {
     #[arg(long, value_name = "ENDPOINT")]
     pub qmp: Vec<Endpoint>,
 
-    /// Show the kernel's console and log on stderr.
+    /// Show the kernel's log on stderr: its console (without `quiet`), or
+    /// with --serial file:PATH the log records the init forwards.
     #[arg(long)]
     pub verbose: bool,
 

@@ -30,8 +30,6 @@ use crate::runtime::Runtime;
 
 /// Bytes of the command's output held for a slow host reader, per stream.
 const OUTPUT_CAP: usize = 1 << 20;
-/// Kernel log records kept for diagnostics.
-const KMSG_KEPT: usize = 50;
 /// Bytes for the command's stdin held before minivmm's stdin is no longer read.
 const STDIN_CAP: usize = 1 << 20;
 /// Longest wait at exit for the command's output to reach the host.
@@ -46,8 +44,10 @@ pub struct RunReport {
     pub started_at: Option<Instant>,
     /// When and how the command ended.
     pub ended: Option<(Instant, Exit)>,
-    /// The last kernel log records the init forwarded.
+    /// The last kernel log records the init forwarded, as `dmesg` shows them.
     pub kmsg: VecDeque<String>,
+    /// The last lines of the serial console.
+    pub console: Vec<String>,
     /// The channel broke (a malformed frame).
     pub broken: Option<String>,
     /// Where the vcpus were when `--timeout` stopped them.
@@ -224,11 +224,11 @@ impl RunLink {
     }
 
     fn kmsg(&mut self, payload: &[u8]) {
-        let text = String::from_utf8_lossy(payload).trim_end().to_string();
+        let text = super::klog::format_record(payload);
         if self.verbose {
             self.stderr.push(format!("{text}\n").as_bytes());
         }
-        if self.report.kmsg.len() == KMSG_KEPT {
+        if self.report.kmsg.len() == super::klog::LINES {
             self.report.kmsg.pop_front();
         }
         self.report.kmsg.push_back(text);

@@ -112,6 +112,12 @@ fn memfd_with(bytes: &[u8]) -> Result<(OwnedFd, PathBuf), RunError> {
     Ok((owned, PathBuf::from(format!("/proc/self/fd/{fd}"))))
 }
 
+/// With `--verbose` the kernel log goes to stderr: through the console, or
+/// as records from the init when the console goes to a file.
+fn log_to_stderr(cli: &RunCli) -> bool {
+    cli.verbose && cli.serial.is_some()
+}
+
 fn prepare(cli: &RunCli) -> Result<(VmConfig, OwnedFd), RunError> {
     if cli.command.is_empty() || cli.command[0].is_empty() {
         return Err(RunError::NoCommand);
@@ -139,7 +145,8 @@ fn prepare(cli: &RunCli) -> Result<(VmConfig, OwnedFd), RunError> {
             .iter()
             .map(|a| OsStr::as_bytes(a).to_vec())
             .collect(),
-        verbose: cli.verbose,
+        // The log records go to stderr too when the console does not.
+        verbose: log_to_stderr(cli),
     };
     let image = initramfs::build(
         super::init::INIT_ELF,
@@ -193,7 +200,7 @@ pub fn execute(cli: RunCli, spawned: Instant) -> u8 {
     let (outcome, report) = match run_vm(
         cfg,
         Some(RunChannel {
-            verbose: cli.verbose,
+            verbose: log_to_stderr(&cli),
         }),
     ) {
         Ok((o, Some(r))) => (o, r),
@@ -215,10 +222,12 @@ pub fn execute(cli: RunCli, spawned: Instant) -> u8 {
     }
     if end.verdict != super::verdict::Verdict::Exited
         && end.verdict != super::verdict::Verdict::Signaled
-        && !report.kmsg.is_empty()
     {
-        eprintln!("minivmm: the kernel log's last lines:");
-        for l in &report.kmsg {
+        let excerpt = super::klog::merge(&report.kmsg, &report.console);
+        if !excerpt.is_empty() {
+            eprintln!("minivmm: the kernel log's last lines:");
+        }
+        for l in &excerpt {
             eprintln!("  {l}");
         }
     }

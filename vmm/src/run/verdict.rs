@@ -181,7 +181,7 @@ pub fn result_json(end: &Ending, report: &RunReport, spawned: Instant, now: Inst
         let mut d = Map::new();
         d.insert(
             "kernel_log".into(),
-            json!(report.kmsg.iter().collect::<Vec<_>>()),
+            json!(super::klog::merge(&report.kmsg, &report.console)),
         );
         if !report.vcpus.is_empty() {
             d.insert(

@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""`minivmm run -- uname -r` against the flow a user scripts without it.
+
+Both boot the same kernel and the same initrd (the agent image: busybox and
+qemu-ga) with 1 vcpu and 512 MiB, on a machine with KVM:
+
+* minivmm: `minivmm run --kernel K --modules M --initrd IMG -- uname -r`
+  (the initrd's files are the root filesystem; its /init is not run);
+* QEMU: `-M microvm` with the guest agent on a virtio-serial port; the host
+  waits for the agent (guest-sync-delimited until it answers), runs the
+  command with guest-exec, polls guest-exec-status every 10 ms until it has
+  exited (vmtest's method), then guest-shutdown and waits for QEMU to exit.
+
+Rounds alternate which goes first. Each round checks the output is the
+kernel's release. Prints one JSON object (times in ms) on stdout.
+
+Usage: run_vs_qemu.py --minivmm BIN --images DIR [--rounds N]
+"""
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+QEMU = "qemu-system-x86_64"
+APPEND = "console=ttyS0 quiet minivmm.action=wait"
+POLL = 0.01  # guest-exec-status interval, s
+SYNC_WAIT = 0.5  # wait for one guest-sync-delimited answer, s
+BOUND = 240.0  # one run, s
+
+
+def now():
+    return time.monotonic()
+
+
+def minivmm_round(binary, images):
+    start = now()
+    p = subprocess.run(
+        [
+            binary, "run",
+            "--kernel", os.path.join(images, "vmlinuz"),
+            "--modules", os.path.join(images, "modules"),
+            "--initrd", os.path.join(images, "agent-initrd.img"),
+            "--memory", "512M", "--cpus", "1",
+            "--", "uname", "-r",
+        ],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=BOUND,
+    )
+    total = now() - start
+    if p.returncode != 0:
+        raise RuntimeError(f"minivmm run exited {p.returncode}: {p.stderr.decode(errors='replace')}")
+    return p.stdout.decode().strip(), total * 1000.0
+
+
+class Agent:
+    """The host end of QEMU's agent chardev (a Unix socket QEMU serves)."""
+
+    def __init__(self, path, deadline):
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                self.sock.close()
+                if now() > deadline:
+                    raise RuntimeError("QEMU never created the agent socket")
+                time.sleep(0.005)
+        self.buf = b""
+
+    def send(self, obj, delimit=False):
+        data = json.dumps(obj).encode() + b"\n"
+        self.sock.sendall((b"\xff" if delimit else b"") + data)
+
+    def reply(self, timeout):
+        """The next JSON line, or None after `timeout` s."""
+        end = now() + timeout
+        while b"\n" not in self.buf:
+            left = end - now()
+            if left <= 0:
+                return None
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                return None
+            if not chunk:
+                raise RuntimeError("the agent socket closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line.lstrip(b"\xff").decode())
+
+    def sync(self, deadline):
+        """guest-sync-delimited until the agent answers with our id."""
+        n = 0
+        while now() < deadline:
+            n += 1
+            self.send({"execute": "guest-sync-delimited", "arguments": {"id": n}}, delimit=True)
+            # Drop what came before the delimiter (an earlier request's
+            # answer or a parse error from a partial one).
+            end = now() + SYNC_WAIT
+            while now() < end:
+                r = self.reply(end - now())
+                if r is None:
+                    break
+                if r.get("return") == n:
+                    return
+        raise RuntimeError("the agent never answered")
+
+    def cmd(self, execute, args=None):
+        self.send({"execute": execute, "arguments": args or {}})
+        r = self.reply(BOUND)
+        if r is None or "return" not in r:
+            raise RuntimeError(f"{execute}: {r}")
+        return r["return"]
+
+
+def qemu_round(images, tmp):
+    sock = os.path.join(tmp, "qga.sock")
+    if os.path.exists(sock):
+        os.unlink(sock)
+    start = now()
+    deadline = start + BOUND
+    q = subprocess.Popen(
+        [
+            QEMU, "-M", "microvm,acpi=on,rtc=on,auto-kernel-cmdline=off",
+            "-enable-kvm", "-cpu", "host", "-m", "512", "-smp", "1",
+            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+            "-serial", "null",
+            "-kernel", os.path.join(images, "vmlinuz"),
+            "-initrd", os.path.join(images, "agent-initrd.img"),
+            "-append", APPEND,
+            "-device", "virtio-serial-device",
+            "-chardev", f"socket,path={sock},server=on,wait=off,id=qga0",
+            "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        agent = Agent(sock, deadline)
+        agent.sync(deadline)
+        pid = agent.cmd("guest-exec", {"path": "/bin/uname", "arg": ["-r"], "capture-output": True})["pid"]
+        while True:
+            st = agent.cmd("guest-exec-status", {"pid": pid})
+            if st.get("exited"):
+                break
+            if now() > deadline:
+                raise RuntimeError("guest-exec never finished")
+            time.sleep(POLL)
+        out = base64.b64decode(st.get("out-data", "")).decode().strip()
+        if st.get("exitcode") != 0:
+            raise RuntimeError(f"uname exited {st.get('exitcode')}")
+        agent.send({"execute": "guest-shutdown"})
+        q.wait(timeout=max(1.0, deadline - now()))
+        total = now() - start
+    finally:
+        if q.poll() is None:
+            q.kill()
+            q.wait()
+    return out, total * 1000.0
+
+
+def summary(xs):
+    return {
+        "median": round(statistics.median(xs)),
+        "min": round(min(xs)),
+        "max": round(max(xs)),
+        "runs": [round(x) for x in xs],
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minivmm", required=True)
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--rounds", type=int, default=5)
+    a = ap.parse_args()
+    if not shutil.which(QEMU):
+        sys.exit(f"{QEMU} not found (Debian package qemu-system-x86)")
+    mv, qm = [], []
+    release = None
+    with tempfile.TemporaryDirectory(prefix="minivmm-bench-") as tmp:
+        for r in range(a.rounds):
+            order = [("minivmm", mv), ("qemu", qm)]
+            if r % 2:
+                order.reverse()
+            for name, acc in order:
+                if name == "minivmm":
+                    out, ms = minivmm_round(a.minivmm, a.images)
+                else:
+                    out, ms = qemu_round(a.images, tmp)
+                if release is None:
+                    release = out
+                if out != release or not out:
+                    raise RuntimeError(f"{name} printed {out!r}, expected {release!r}")
+                acc.append(ms)
+                print(f"bench: round {r + 1}: {name} {ms:.0f} ms", file=sys.stderr, flush=True)
+    m, q = summary(mv), summary(qm)
+    print(json.dumps({
+        "release": release,
+        "rounds": a.rounds,
+        "minivmm": m,
+        "qemu": q,
+        "ratio": round(statistics.median(mv) / statistics.median(qm), 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()
