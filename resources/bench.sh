@@ -65,7 +65,7 @@ if [[ $rounds -lt 5 ]]; then
     echo "bench: fewer than 5 rounds: docs/PERFORMANCE.md left as it is" >&2
     exit 0
 fi
-/usr/bin/python3 - "$run" "$machine" "$qemu" "$nested" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >docs/PERFORMANCE.md <<'EOF'
+/usr/bin/python3 - "$run" "$machine" "$qemu" "$nested" "$(git describe --always --dirty 2>/dev/null || echo unknown)" >docs/PERFORMANCE.md <<'EOF'
 import json, sys, datetime
 run, machine, qemu, nested, commit = sys.argv[1:]
 r = json.loads(run)
@@ -89,7 +89,7 @@ Measured {datetime.date.today().isoformat()} at commit `{commit}`.
 
 Wall time from spawning the VMM to its exit, for running `uname -r` in a
 fresh guest and getting its output ({r['rounds']} rounds, alternating which
-goes first; medians):
+goes first, after one warm-up round of each; medians):
 
 | | median | min–max | runs (ms) |
 |---|---|---|---|

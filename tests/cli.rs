@@ -354,6 +354,10 @@ fn run_bad_inputs_are_one_clear_line_each() {
             "/nonexistent/file",
         ),
         (vec!["run", "--kernel", &k, "--", ""], "no command"),
+        (
+            vec!["run", "--kernel", &k, "--serial", "stdio", "--", "true"],
+            "--serial stdio is not available with run",
+        ),
     ];
     for (args, needle) in cases {
         let o = run(&args);

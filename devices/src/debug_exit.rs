@@ -6,7 +6,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use acpi_tables::{Aml, AmlSink};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
@@ -57,13 +56,6 @@ impl BusDevice for DebugExit {
             log::error!("isa-debug-exit: cannot signal the VMM: {e}");
         }
     }
-}
-
-/// Its (empty) ACPI description.
-pub struct DebugExitAml;
-
-impl Aml for DebugExitAml {
-    fn to_aml_bytes(&self, _sink: &mut dyn AmlSink) {}
 }
 
 #[cfg(test)]

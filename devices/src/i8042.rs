@@ -1,8 +1,11 @@
 //! The i8042 keyboard controller, only as far as guests need it: its ports exist and
 //! the "pulse reset line" command (0xFE to port 0x64) resets the machine.
+//!
+//! The guest is not told about it (no ACPI node, and the FADT does not set the
+//! "8042" boot flag), so Linux does not probe it as a keyboard controller: it
+//! answers no commands, and the probe would wait seconds for it.
 //! Built on vm-superio's [`vm_superio::I8042Device`].
 
-use acpi_tables::{aml, Aml, AmlSink};
 use vm_superio::I8042Device;
 
 use crate::bus::BusDevice;
@@ -42,32 +45,6 @@ impl BusDevice for I8042 {
                 log::error!("i8042: cannot signal reset: {e}");
             }
         }
-    }
-}
-
-/// ACPI description of the keyboard controller (`PNP0303`).
-pub struct I8042Aml;
-
-impl Aml for I8042Aml {
-    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
-        crate::aml_in_system_bus(
-            &aml::Device::new(
-                "PS2K".into(),
-                vec![
-                    &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303")),
-                    &aml::Method::new("_STA".into(), 0, false, vec![&aml::Return::new(&0x0fu8)]),
-                    &aml::Name::new(
-                        "_CRS".into(),
-                        &aml::ResourceTemplate::new(vec![
-                            &aml::IO::new(I8042_DATA_PORT, I8042_DATA_PORT, 1, 1),
-                            &aml::IO::new(I8042_COMMAND_PORT, I8042_COMMAND_PORT, 1, 1),
-                            &aml::Interrupt::new(true, true, false, false, I8042_IRQ),
-                        ]),
-                    ),
-                ],
-            ),
-            sink,
-        );
     }
 }
 

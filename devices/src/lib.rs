@@ -21,6 +21,15 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use acpi_tables::{Aml, AmlSink};
 
+/// The ACPI description of a device the guest is not told about: it has no
+/// node in the DSDT (isa-debug-exit, as in QEMU; the i8042, which is only a
+/// reset line and must not look like a keyboard controller).
+pub struct NoAml;
+
+impl Aml for NoAml {
+    fn to_aml_bytes(&self, _sink: &mut dyn AmlSink) {}
+}
+
 /// Emits `dev` inside `Scope (\_SB)`, where the devices of the DSDT live.
 pub fn aml_in_system_bus(dev: &dyn Aml, sink: &mut dyn AmlSink) {
     let mut bytes = Vec::new();

@@ -11,7 +11,8 @@ qemu-ga) with 1 vcpu and 512 MiB, on a machine with KVM:
   command with guest-exec, polls guest-exec-status every 10 ms until it has
   exited (vmtest's method), then guest-shutdown and waits for QEMU to exit.
 
-Rounds alternate which goes first. Each round checks the output is the
+One warm-up round of each (not counted: it fills the page cache), then
+rounds alternating which goes first. Each round checks the output is the
 kernel's release. Prints one JSON object (times in ms) on stdout.
 
 Usage: run_vs_qemu.py --minivmm BIN --images DIR [--rounds N]
@@ -187,7 +188,7 @@ def main():
     mv, qm = [], []
     release = None
     with tempfile.TemporaryDirectory(prefix="minivmm-bench-") as tmp:
-        for r in range(a.rounds):
+        for r in range(-1, a.rounds):
             order = [("minivmm", mv), ("qemu", qm)]
             if r % 2:
                 order.reverse()
@@ -200,6 +201,9 @@ def main():
                     release = out
                 if out != release or not out:
                     raise RuntimeError(f"{name} printed {out!r}, expected {release!r}")
+                if r < 0:
+                    print(f"bench: warm-up: {name} {ms:.0f} ms", file=sys.stderr, flush=True)
+                    continue
                 acc.append(ms)
                 print(f"bench: round {r + 1}: {name} {ms:.0f} ms", file=sys.stderr, flush=True)
     m, q = summary(mv), summary(qm)

@@ -141,9 +141,10 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
         .flag(Flags::ResetRegSup)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
-    // IA-PC boot architecture flags: no VGA (bit 2), no CMOS RTC (bit 5). The
-    // guest takes wall-clock time from kvmclock; without this, Linux probes a
-    // CMOS RTC that is not there.
+    // IA-PC boot architecture flags: no VGA (bit 2), no CMOS RTC (bit 5), and
+    // bit 1 (an 8042) clear. The guest takes wall-clock time from kvmclock;
+    // without this, Linux probes a CMOS RTC that is not there, and it probes
+    // the i8042 (only a reset line here) only when told it is there.
     b.iapc_boot_arch = ((1u16 << 2) | (1u16 << 5)).into();
     b.reset_reg = io_gas(RESET_PORT);
     b.reset_value = RESET_VALUE;

@@ -12,15 +12,15 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use devices::acpi_pm::{AcpiPmAml, AcpiPmDevice, PM_PORT, PM_PORT_LEN};
-use devices::debug_exit::{DebugExit, DebugExitAml, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
-use devices::i8042::{I8042Aml, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT};
+use devices::debug_exit::{DebugExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
+use devices::i8042::{I8042, I8042_COMMAND_PORT, I8042_DATA_PORT};
 use devices::output::{GuestOutput, Undelivered, OUTPUT_BUFFER};
 use devices::power_button::{PowerButton, PowerButtonAml, GED_GSI};
 use devices::pvpanic::{PvPanic, PvPanicAml, PVPANIC_PORT};
 use devices::serial::{SerialAml, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use devices::virtio::console::Console;
 use devices::virtio::mmio::MmioTransport;
-use devices::EventFdTrigger;
+use devices::{EventFdTrigger, NoAml};
 use kvm_bindings::{
     kvm_clock_data, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY,
 };
@@ -455,7 +455,7 @@ fn add_devices(
             PortRange::new(I8042_COMMAND_PORT, 1),
         ],
         None,
-        I8042Aml,
+        NoAml,
     )?;
     let pm = AcpiPmDevice::new(dup(&events.shutdown)?, dup(&events.reset)?);
     dm.register_pio_device(
@@ -479,7 +479,7 @@ fn add_devices(
             Arc::new(Mutex::new(dev)),
             &[PortRange::new(DEBUG_EXIT_PORT, DEBUG_EXIT_LEN)],
             None,
-            DebugExitAml,
+            NoAml,
         )?;
     }
     let agent_port = if cfg.run_channel {

@@ -1255,15 +1255,35 @@ fn version_word(s: &[u8]) -> Option<String> {
 }
 
 /// [`kernel_version`] of the image file at `path`.
+/// A bzImage's setup code and its version string lie in its first
+/// [`VERSION_PREFIX`] bytes, so only they are read; another image is read
+/// whole.
 pub fn kernel_version_of(path: &Path) -> Result<String, InitramfsError> {
-    let image = fs::read(path).map_err(|source| InitramfsError::Read {
+    let read_err = |source| InitramfsError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
-    kernel_version(&image).ok_or_else(|| InitramfsError::NoKernelVersion {
+    };
+    let mut prefix = Vec::with_capacity(VERSION_PREFIX);
+    fs::File::open(path)
+        .and_then(|f| f.take(VERSION_PREFIX as u64).read_to_end(&mut prefix))
+        .map_err(read_err)?;
+    let found = if prefix.get(0x202..0x206) == Some(&b"HdrS"[..]) {
+        kernel_version(&prefix)
+    } else {
+        None
+    };
+    let found = match found {
+        Some(v) => Some(v),
+        None => kernel_version(&fs::read(path).map_err(read_err)?),
+    };
+    found.ok_or_else(|| InitramfsError::NoKernelVersion {
         path: path.to_path_buf(),
     })
 }
+
+/// Bytes read first to find a bzImage's version (its setup code is at most
+/// 64 KiB).
+const VERSION_PREFIX: usize = 64 << 10;
 
 // ---------------------------------------------------------------------------
 // Kernel modules
@@ -1291,11 +1311,13 @@ pub fn module_name(file: &str) -> String {
 /// each with what it depends on, dependencies first, each once; as
 /// `(host path, guest path)` with the guest path
 /// `/lib/modules/VERSION/<path in modules.dep>`. A module built into the
-/// kernel (in `modules.builtin`) needs nothing.
+/// kernel (in `modules.builtin`) needs nothing. The `optional` ones come
+/// after, when the tree has them (else they are left out).
 pub fn resolve_modules(
     dir: &Path,
     version: &str,
     names: &[&str],
+    optional: &[&str],
 ) -> Result<Vec<(PathBuf, String)>, InitramfsError> {
     let dep_path = dir.join("modules.dep");
     let text = fs::read_to_string(&dep_path).map_err(|source| InitramfsError::NoModulesTree {
@@ -1340,6 +1362,12 @@ pub fn resolve_modules(
                 name: name.to_string(),
                 dir: dir.to_path_buf(),
             });
+        }
+    }
+    for &name in optional {
+        match by_name.get(&module_name(name)) {
+            Some(&module) => place(module, name, &deps, &mut placed, &mut order),
+            None => log::debug!("optional module {name}: not in {}", dep_path.display()),
         }
     }
 
@@ -2555,7 +2583,8 @@ mod tests {
     fn modules_in_load_order() {
         let tree = modules_tree();
         let d = tree.path();
-        let got = resolve_modules(d, "6.1.0-9", &["a", "d_e", "c", "virtio-mmio", "b.ko"]).unwrap();
+        let got =
+            resolve_modules(d, "6.1.0-9", &["a", "d_e", "c", "virtio-mmio", "b.ko"], &[]).unwrap();
         let want: Vec<(PathBuf, String)> = ["b.ko", "c.ko", "a.ko", "d-e.ko.xz"]
             .iter()
             .map(|f| {
@@ -2566,7 +2595,11 @@ mod tests {
             })
             .collect();
         assert_eq!(got, want);
-        assert_eq!(resolve_modules(d, "v", &["virtio_mmio"]).unwrap(), []);
+        assert_eq!(resolve_modules(d, "v", &["virtio_mmio"], &[]).unwrap(), []);
+        // Optional modules: after the needed ones, each once, absent ones left out.
+        let got = resolve_modules(d, "v", &["c"], &["absent", "a", "b"]).unwrap();
+        let names: Vec<String> = got.iter().map(|(_, g)| module_name(g)).collect();
+        assert_eq!(names, ["b", "c", "a"]);
         assert_eq!(module_name("kernel/x/virtio-rng.ko.zst"), "virtio_rng");
         assert_eq!(module_name("virtio_console"), "virtio_console");
         assert_eq!(default_modules_dir("6.1"), Path::new("/lib/modules/6.1"));
@@ -2576,7 +2609,7 @@ mod tests {
     fn modules_errors() {
         let tree = modules_tree();
         let d = tree.path();
-        let err = resolve_modules(d, "v", &["nope"]).unwrap_err();
+        let err = resolve_modules(d, "v", &["nope"], &[]).unwrap_err();
         let msg = err.to_string();
         assert!(
             matches!(err, InitramfsError::ModuleNotFound { .. }),
@@ -2587,7 +2620,7 @@ mod tests {
             "{msg}"
         );
 
-        let err = resolve_modules(d, "v", &["needs_gone"]).unwrap_err();
+        let err = resolve_modules(d, "v", &["needs_gone"], &[]).unwrap_err();
         let msg = err.to_string();
         assert!(
             matches!(err, InitramfsError::ModuleFileMissing { .. }),
@@ -2599,7 +2632,7 @@ mod tests {
         );
 
         let missing = d.join("nothing-here");
-        let err = resolve_modules(&missing, "6.1.0-9", &["a"]).unwrap_err();
+        let err = resolve_modules(&missing, "6.1.0-9", &["a"], &[]).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, InitramfsError::NoModulesTree { .. }), "{msg}");
         assert!(
@@ -2614,7 +2647,7 @@ mod tests {
         );
 
         fs::write(d.join("modules.dep"), "kernel/a.ko: b.ko\nnonsense\n").unwrap();
-        let err = resolve_modules(d, "v", &["a"]).unwrap_err();
+        let err = resolve_modules(d, "v", &["a"], &[]).unwrap_err();
         assert!(err.to_string().contains("line 2"), "{err}");
     }
 
@@ -2637,7 +2670,7 @@ mod tests {
             );
             return;
         }
-        let got = resolve_modules(&dir, version, &["virtio_mmio", "virtio-console"]).unwrap();
+        let got = resolve_modules(&dir, version, &["virtio_mmio", "virtio-console"], &[]).unwrap();
         let names: Vec<String> = got.iter().map(|(_, g)| module_name(g)).collect();
         assert_eq!(names.last().map(String::as_str), Some("virtio_console"));
         let pos = |n: &str| names.iter().position(|x| x == n).unwrap();

@@ -82,20 +82,12 @@ fn modules(cli: &RunCli) -> Result<Vec<(PathBuf, String)>, RunError> {
             d
         }
     };
-    let mut mods = initramfs::resolve_modules(&dir, &version, NEEDED_MODULES)?;
-    for m in WANTED_MODULES {
-        match initramfs::resolve_modules(&dir, &version, &[m]) {
-            Ok(more) => {
-                for x in more {
-                    if !mods.contains(&x) {
-                        mods.push(x);
-                    }
-                }
-            }
-            Err(e) => log::debug!("optional module {m}: {e}"),
-        }
-    }
-    Ok(mods)
+    Ok(initramfs::resolve_modules(
+        &dir,
+        &version,
+        NEEDED_MODULES,
+        WANTED_MODULES,
+    )?)
 }
 
 /// An in-memory file holding `bytes`, and a path the loader can open it by.
@@ -148,6 +140,7 @@ fn prepare(cli: &RunCli) -> Result<(VmConfig, OwnedFd), RunError> {
         // The log records go to stderr too when the console does not.
         verbose: log_to_stderr(cli),
     };
+    let made = std::time::Instant::now();
     let image = initramfs::build(
         super::init::INIT_ELF,
         &spec,
@@ -155,6 +148,11 @@ fn prepare(cli: &RunCli) -> Result<(VmConfig, OwnedFd), RunError> {
         &modules,
         &adds,
     )?;
+    log::debug!(
+        "run: initramfs of {} bytes made in {:?}",
+        image.len(),
+        made.elapsed()
+    );
     let (fd, path) = memfd_with(&image)?;
     let mut cmdline = BASE_CMDLINE.to_string();
     if !cli.verbose {
