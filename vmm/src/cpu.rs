@@ -83,8 +83,26 @@ const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
 /// Reads the host's KVM-supported CPUID.
+///
+/// KVM does not list the TSC-deadline timer there although it emulates it
+/// whenever it has `KVM_CAP_TSC_DEADLINE_TIMER` (on Intel and AMD alike); it
+/// is added then, as QEMU's `-cpu host` does: the guest programs its timer
+/// with one MSR write and skips calibrating the LAPIC timer.
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, kvm_ioctls::Error> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
+    if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+        enable_tsc_deadline(cpuid.as_mut_slice());
+    }
+    Ok(cpuid)
+}
+
+/// CPUID.1:ECX bit 24: the TSC-deadline mode of the LAPIC timer.
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+fn enable_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries.iter_mut().filter(|e| e.function == 0x1) {
+        e.ecx |= LEAF1_ECX_TSC_DEADLINE;
+    }
 }
 
 fn bits_for(count: u32) -> u32 {
@@ -391,6 +409,14 @@ mod tests {
         assert_eq!(e[3].ecx & 0xff, 3);
         assert_eq!((e[3].ecx >> 12) & 0xf, 2);
         assert_eq!(e[4].eax, 0, "no PMU");
+    }
+
+    #[test]
+    fn tsc_deadline_is_set_in_leaf_1_only() {
+        let mut e = [leaf(1, 0), leaf(0xb, 0)];
+        enable_tsc_deadline(&mut e);
+        assert_eq!(e[0].ecx & (1 << 24), 1 << 24);
+        assert_eq!(e[1].ecx, 0);
     }
 
     #[test]
