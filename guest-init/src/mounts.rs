@@ -16,6 +16,9 @@ struct Mount {
     data: &'static CStr,
     /// A failure stops the run (else it is a warning).
     required: bool,
+    /// Left alone when the directory already holds files (put there with
+    /// `--add` or by the initrd): the root file system is writable anyway.
+    keep_contents: bool,
 }
 
 const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
@@ -28,6 +31,7 @@ const MOUNTS: &[Mount] = &[
         flags: NOSUID_NODEV | libc::MS_NOEXEC,
         data: c"",
         required: true,
+        keep_contents: false,
     },
     Mount {
         fstype: c"sysfs",
@@ -35,6 +39,7 @@ const MOUNTS: &[Mount] = &[
         flags: NOSUID_NODEV | libc::MS_NOEXEC,
         data: c"",
         required: true,
+        keep_contents: false,
     },
     Mount {
         fstype: c"devtmpfs",
@@ -42,6 +47,7 @@ const MOUNTS: &[Mount] = &[
         flags: libc::MS_NOSUID,
         data: c"mode=0755",
         required: true,
+        keep_contents: false,
     },
     Mount {
         fstype: c"devpts",
@@ -49,6 +55,7 @@ const MOUNTS: &[Mount] = &[
         flags: libc::MS_NOSUID | libc::MS_NOEXEC,
         data: c"gid=5,mode=0620,ptmxmode=0666",
         required: false,
+        keep_contents: false,
     },
     Mount {
         fstype: c"tmpfs",
@@ -56,6 +63,7 @@ const MOUNTS: &[Mount] = &[
         flags: NOSUID_NODEV,
         data: c"mode=1777",
         required: false,
+        keep_contents: false,
     },
     Mount {
         fstype: c"tmpfs",
@@ -63,6 +71,7 @@ const MOUNTS: &[Mount] = &[
         flags: NOSUID_NODEV,
         data: c"mode=1777",
         required: true,
+        keep_contents: true,
     },
     Mount {
         fstype: c"tmpfs",
@@ -70,8 +79,14 @@ const MOUNTS: &[Mount] = &[
         flags: NOSUID_NODEV,
         data: c"mode=0755",
         required: true,
+        keep_contents: true,
     },
 ];
+
+/// Whether the directory `dir` holds anything.
+fn has_entries(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
+}
 
 /// Mounts them all, skipping what is already mounted. `Err` says what
 /// required mount failed; `Ok` holds the failures of optional ones.
@@ -95,7 +110,7 @@ fn mount(m: &Mount) -> io::Result<()> {
         .recursive(true)
         .mode(0o755)
         .create(target)?;
-    if is_mountpoint(target) {
+    if is_mountpoint(target) || (m.keep_contents && has_entries(target)) {
         return Ok(());
     }
     let c_target = CString::new(m.target)?;
@@ -141,6 +156,25 @@ mod tests {
         let dir = TempDir::new("mnt");
         assert!(!is_mountpoint(dir.path()));
         assert!(!is_mountpoint(&dir.path().join("missing")));
+    }
+
+    #[test]
+    fn tmp_and_run_keep_what_the_initramfs_put_there() {
+        for m in MOUNTS {
+            assert_eq!(
+                m.keep_contents,
+                m.target == "/tmp" || m.target == "/run",
+                "{}",
+                m.target
+            );
+        }
+        let dir = std::env::temp_dir().join(format!("minivmm-init-has-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(!has_entries(&dir));
+        std::fs::write(dir.join("f"), b"x").unwrap();
+        assert!(has_entries(&dir));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(!has_entries(&dir), "a missing directory holds nothing");
     }
 
     #[test]

@@ -152,12 +152,15 @@ fn run_output_is_live_and_added_files_are_there() {
     std::fs::write(dir.join("sub/leaf"), b"leaf\n").unwrap();
     let add_file = format!("{}:/data/hello.txt", file.display());
     let add_dir = format!("{}:/data/tree", dir.display());
+    // Under /tmp too: the init must not hide it under a fresh tmpfs.
+    let add_tmp = format!("{}:/tmp/in-tmp.txt", file.display());
     let mut child = run_cmd(
-        &["--add", &add_file, "--add", &add_dir],
+        &["--add", &add_file, "--add", &add_dir, "--add", &add_tmp],
         &[
             "sh",
             "-c",
-            "echo early; cat /data/hello.txt /data/tree/sub/leaf; sleep 3; echo late",
+            "echo early; cat /data/hello.txt /data/tree/sub/leaf /tmp/in-tmp.txt; \
+             echo w > /tmp/w && cat /tmp/w; sleep 3; echo late",
         ],
     )
     .stdin(Stdio::null())
@@ -181,7 +184,7 @@ fn run_output_is_live_and_added_files_are_there() {
         .read_to_string(&mut err)
         .unwrap();
     assert_eq!(st.code(), Some(0), "stderr: {err}");
-    assert_eq!(rest, "added file\nleaf\nlate\n");
+    assert_eq!(rest, "added file\nleaf\nadded file\nw\nlate\n");
     assert!(
         early_at.elapsed() >= Duration::from_secs(2),
         "the first line arrived only {:?} before the end",

@@ -54,12 +54,14 @@ fn timestamp(line: &str) -> Option<u64> {
 /// that the records have too is not repeated); the last [`LINES`].
 pub fn merge(records: &VecDeque<String>, console: &[String]) -> Vec<String> {
     let last = records.iter().rev().find_map(|r| timestamp(r));
+    // After the last console line the records already have; lines without
+    // a stamp (continuations, the init's own messages) go with the line
+    // before them.
     let newer_from = match last {
-        // Lines without a stamp (continuations) go with the line before.
         Some(t) => console
             .iter()
-            .position(|l| timestamp(l).is_some_and(|s| s > t))
-            .unwrap_or(console.len()),
+            .rposition(|l| timestamp(l).is_some_and(|s| s <= t))
+            .map_or(0, |i| i + 1),
         None => 0,
     };
     let all: Vec<String> = records
@@ -171,6 +173,13 @@ mod tests {
         ];
         let m = merge(&records, &console);
         assert_eq!(m.len(), 4, "{m:?}");
+        // The init's messages (no stamp) after the records come along.
+        let late = [
+            "[    1.000000] one".to_string(),
+            "minivmm-init: cannot do something".to_string(),
+            "[    3.000000] reboot: Power down".to_string(),
+        ];
+        assert_eq!(merge(&records, &late)[2..], late[1..]);
         assert_eq!(m[1], "[    2.000000] sysrq: Trigger a crash");
         assert!(m[2].contains("Kernel panic"));
         assert!(m[3].starts_with("CPU: 0"));

@@ -108,6 +108,8 @@ pub struct RunLink {
     stdin: Option<RawFd>,
     /// Frames for the guest not handed to the port yet.
     to_guest: Vec<u8>,
+    /// One read of minivmm's stdin (allocated once).
+    stdin_buf: Vec<u8>,
     /// Whether kernel log records also go to stderr as they come.
     verbose: bool,
     report: RunReport,
@@ -144,6 +146,7 @@ impl RunLink {
             wake_id,
             stdin,
             to_guest: Vec::new(),
+            stdin_buf: Vec::new(),
             verbose,
             report: RunReport::default(),
             ended: false,
@@ -244,19 +247,25 @@ impl RunLink {
             return false;
         }
         let Some(fd) = self.stdin else { return false };
-        let mut buf = vec![0u8; run_protocol::MAX_PAYLOAD];
-        // SAFETY: reading into `buf`, which we own, from a descriptor we do
+        if self.stdin_buf.is_empty() {
+            self.stdin_buf = vec![0u8; run_protocol::MAX_PAYLOAD];
+        }
+        // SAFETY: reading into `stdin_buf`, which we own, from a descriptor we do
         // not close; `ManuallyDrop` keeps the `File` from closing it.
         let mut f = std::mem::ManuallyDrop::new(unsafe {
             <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
         });
-        match f.read(&mut buf) {
+        match f.read(&mut self.stdin_buf) {
             Ok(0) => {
                 run_protocol::frame(run_protocol::STDIN_EOF, &[], &mut self.to_guest);
                 self.stdin = None;
                 return true;
             }
-            Ok(n) => run_protocol::frame(run_protocol::STDIN, &buf[..n], &mut self.to_guest),
+            Ok(n) => run_protocol::frame(
+                run_protocol::STDIN,
+                &self.stdin_buf[..n],
+                &mut self.to_guest,
+            ),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
