@@ -119,8 +119,11 @@ impl Init {
             self.log.error(msg);
         }
         if let Some(port) = &self.port {
-            if let Err(e) = pump::report_exit(port, self.kmsg.as_mut(), exit) {
-                self.log.error(&format!("report the end to the host: {e}"));
+            match pump::report_exit(port, self.kmsg.as_mut(), exit) {
+                // The host stops the VM once it has read the end; powering
+                // off first could overtake the frames still on their way.
+                Ok(()) => port::wait_for_the_end(port, port::END_WAIT),
+                Err(e) => self.log.error(&format!("report the end to the host: {e}")),
             }
         }
     }

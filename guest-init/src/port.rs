@@ -196,6 +196,35 @@ fn scan(dev: &Path, ports: &Path, name: &str) -> io::Result<Scan> {
     Ok(scan)
 }
 
+/// How long the init waits for the host to stop the VM after the end was
+/// reported, before it powers off itself.
+pub const END_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until the host stops the VM (this never returns then), the channel
+/// closes, or `bound` passes; what the host still sends is dropped.
+pub fn wait_for_the_end(port: &Port, bound: Duration) {
+    let deadline = std::time::Instant::now() + bound;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let mut fds = [sys::pollfd(port, libc::POLLIN)];
+        match sys::poll(&mut fds, Some(left)) {
+            Ok(0) => return,
+            Ok(_) => match port.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            },
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +232,24 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     const NAME: &str = run_protocol::PORT_NAME;
+
+    #[test]
+    fn the_end_wait_drops_input_and_stops_at_eof_or_the_bound() {
+        use std::os::unix::net::UnixStream;
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let port = Port::from_fd(a.into());
+        b.write_all(b"late stdin").unwrap();
+        drop(b);
+        let t = Instant::now();
+        wait_for_the_end(&port, Duration::from_secs(30));
+        assert!(t.elapsed() < Duration::from_secs(5), "EOF ends the wait");
+        let (a, _b) = UnixStream::pair().unwrap();
+        let port = Port::from_fd(a.into());
+        let t = Instant::now();
+        wait_for_the_end(&port, Duration::from_millis(100));
+        assert!(t.elapsed() >= Duration::from_millis(100));
+        assert!(t.elapsed() < Duration::from_secs(5), "the bound ends it");
+    }
 
     /// A fake `/dev` and `/sys/class/virtio-ports`; a port's node is a link to
     /// `/dev/null`, a character device.
