@@ -79,6 +79,11 @@ fn timeout_exits_124() {
     let (st, err) = vm.wait_exit(LIMIT);
     assert_eq!(st.code(), Some(124), "stderr: {err}");
     assert!(err.contains("timeout"), "{err}");
+    // Where each vcpu was: vcpu 0 spinning in the guest's code (loaded at
+    // 0x100000), vcpu 1 an AP never started.
+    assert!(err.contains("the vcpus when the timeout expired:"), "{err}");
+    assert!(err.contains("  vcpu0: rip=0x1000"), "{err}");
+    assert!(err.contains("  vcpu1: rip="), "{err}");
 }
 
 #[test]

@@ -410,6 +410,14 @@ pub fn run_vm(
             .flush_before_exit(deadline.saturating_duration_since(Instant::now()));
     }
     drop(raw);
+    if io.run.is_none() && !registers.is_empty() {
+        // Where a guest that never finished was: for a plain VM the only
+        // report (`minivmm run` puts it in its diagnostics).
+        eprintln!("minivmm: the vcpus when the timeout expired:");
+        for line in crate::run::verdict::describe_vcpus(&registers) {
+            eprintln!("  {line}");
+        }
+    }
     let report = io.run.map(|r| {
         let mut report = r.finish();
         report.vcpus = registers;
