@@ -86,7 +86,8 @@ pub struct Cli {
     #[arg(long)]
     pub no_reboot: bool,
 
-    /// Stop the VM and exit with status 124 after this many seconds.
+    /// Stop the VM and exit with status 124 after this many seconds; where each
+    /// vcpu was (its registers) goes to stderr.
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
     pub timeout: Option<u64>,
 
