@@ -127,44 +127,51 @@ impl MutEventSubscriber for Controller {
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let fd = events.fd();
-        let push = |i| self.inputs.borrow_mut().push_back(i);
-        let ev = &self.events;
-        if fd == ev.shutdown.as_raw_fd() {
-            let _ = ev.shutdown.read();
-            push(Input::GuestPowerOff);
-        } else if fd == ev.reset.as_raw_fd() {
-            let _ = ev.reset.read();
-            push(Input::GuestReset);
-        } else if fd == ev.error.as_raw_fd() {
-            let _ = ev.error.read();
-            let info = ev
-                .error_info
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
-            push(Input::VmFailed(
-                info.unwrap_or_else(|| "unknown vcpu failure".into()),
-            ));
-        } else if fd == ev.panic.as_raw_fd() {
-            let _ = ev.panic.read();
-            push(Input::GuestPanic);
-        } else if fd == ev.debug_exit.as_raw_fd() {
-            let _ = ev.debug_exit.read();
-            let v = *ev
-                .debug_exit_value
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if let Some(v) = v {
-                push(Input::GuestDebugExit(v));
-            }
-        } else if fd == self.signals.as_raw_fd() {
+        if fd == self.signals.as_raw_fd() {
             while let Some(sig) = read_signal(fd) {
-                push(Input::Signal(sig));
+                self.inputs.borrow_mut().push_back(Input::Signal(sig));
             }
         } else if let Some(t) = self.timer.as_mut().filter(|t| t.as_raw_fd() == fd) {
             let _ = t.wait();
-            push(Input::Timeout);
+            self.inputs.borrow_mut().push_back(Input::Timeout);
+        } else {
+            guest_events(&self.events, &mut self.inputs.borrow_mut());
         }
+    }
+}
+
+/// Every pending guest event, cause before effect whatever order the event
+/// loop saw them in: a panicking kernel (or a test's isa-debug-exit write)
+/// reboots or powers off right after telling us, and both may be pending
+/// at one wake. A panic that then reboots is a panic.
+fn guest_events(ev: &VcpuEvents, inputs: &mut VecDeque<Input>) {
+    if ev.debug_exit.read().is_ok() {
+        let v = *ev
+            .debug_exit_value
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = v {
+            inputs.push_back(Input::GuestDebugExit(v));
+        }
+    }
+    if ev.panic.read().is_ok() {
+        inputs.push_back(Input::GuestPanic);
+    }
+    if ev.error.read().is_ok() {
+        let info = ev
+            .error_info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        inputs.push_back(Input::VmFailed(
+            info.unwrap_or_else(|| "unknown vcpu failure".into()),
+        ));
+    }
+    if ev.shutdown.read().is_ok() {
+        inputs.push_back(Input::GuestPowerOff);
+    }
+    if ev.reset.read().is_ok() {
+        inputs.push_back(Input::GuestReset);
     }
 }
 
@@ -468,6 +475,31 @@ mod tests {
         let rip = regs[0].regs.iter().find(|(n, _)| *n == "rip").map(|r| r.1);
         assert!(rip.is_some_and(|r| (entry..=spin).contains(&r)), "{regs:?}");
         assert!(regs[0].regs.iter().any(|(n, _)| *n == "cr3"));
+    }
+
+    /// Guest events pending together are taken cause first: the reboot of a
+    /// panicking kernel was signalled last but may be seen first.
+    #[test]
+    fn a_panic_then_a_reset_is_taken_as_a_panic_first() {
+        let ev = VcpuEvents::new().expect("eventfds");
+        ev.reset.write(1).unwrap();
+        ev.panic.write(1).unwrap();
+        ev.shutdown.write(1).unwrap();
+        let mut inputs = VecDeque::new();
+        guest_events(&ev, &mut inputs);
+        assert_eq!(
+            format!("{inputs:?}"),
+            "[GuestPanic, GuestPowerOff, GuestReset]"
+        );
+        // Each taken once: a second look finds nothing.
+        guest_events(&ev, &mut inputs);
+        assert_eq!(inputs.len(), 3);
+        *ev.debug_exit_value.lock().unwrap() = Some(3);
+        ev.reset.write(1).unwrap();
+        ev.debug_exit.write(1).unwrap();
+        inputs.clear();
+        guest_events(&ev, &mut inputs);
+        assert_eq!(format!("{inputs:?}"), "[GuestDebugExit(3), GuestReset]");
     }
 
     /// Any reply the agent may send reaches a QMP client: the QMP output cap
