@@ -313,6 +313,14 @@ impl Drop for Vm {
         if let Ok(None) = self.child.try_wait() {
             self.kill();
         }
+        // A failed test shows what minivmm said (it may say why the guest
+        // died: resources/run-tests.sh looks for a guest triple fault).
+        if std::thread::panicking() {
+            let err = self.take_stderr();
+            if !err.is_empty() {
+                eprintln!("minivmm's stderr:\n{err}");
+            }
+        }
     }
 }
 

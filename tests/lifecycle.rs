@@ -140,6 +140,8 @@ fn triple_fault_is_a_reset() {
     assert_eq!(vm.seen, vec!["x"]);
     assert_eq!(st.code(), Some(0), "{err}");
     assert!(err.contains("--no-reboot"), "{err}");
+    // Told apart from a reset the guest asked for.
+    assert!(err.contains("vcpu0: triple fault"), "{err}");
 }
 
 #[test]

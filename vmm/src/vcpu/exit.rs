@@ -54,7 +54,7 @@ pub(super) fn handle_exit(
             Next::Park
         }
         VcpuExit::Shutdown => {
-            log::info!("vcpu{id}: triple fault, resetting the VM");
+            log::warn!("vcpu{id}: triple fault (the guest crashed, or reset the CPU the hard way): resetting the VM");
             VcpuEvents::signal(&events.reset, "reset");
             Next::Park
         }
