@@ -227,6 +227,9 @@ write_guest_init() {
 #   (as one shell command line) after the banner, before the action.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
+# First words, for the benchmark: when init started, by the guest's clock.
+read -r up _ </proc/uptime
+echo "MINIVMM-INIT uptime=$up"
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 read -r cmdline </proc/cmdline
@@ -241,10 +244,20 @@ set +f
 # Power button (ACPI button -> evdev -> acpid -> /etc/acpi/poweroff) and
 # pvpanic (ACPI QEMU0001). Failures are silent except on the shell path.
 err=/dev/null
-[ "$action" = shell ] && err=/dev/console
+# (Only if the kernel has a console yet: with console=hvc0 it has not, and
+# opening /dev/console then hangs.)
+if [ "$action" = shell ] && [ -n "$(cat /sys/class/tty/console/active 2>/dev/null)" ]; then
+    err=/dev/console
+fi
 for m in $(cat /etc/minivmm-modules); do
     insmod "/lib/modules/$m.ko" 2>>"$err"
 done
+# console=hvc0 (minivmm --console virtio): hvc0 exists once virtio_console is
+# loaded; the kernel could not open it for init, so init's output and its
+# shell's go there from now on.
+case " $cmdline " in
+*" console=hvc0 "*) [ -c /dev/hvc0 ] && exec </dev/hvc0 >/dev/hvc0 2>&1 ;;
+esac
 acpid -d -c /etc/acpi -a /etc/acpid.conf >/dev/null 2>&1 &
 #@AGENT-BEGIN@
 # QEMU guest agent on the virtio-serial port named @QGA_PORT_NAME@

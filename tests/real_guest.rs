@@ -166,6 +166,49 @@ fn serial_console_takes_input() {
     assert_eq!(st.code(), Some(0), "stderr: {err}");
 }
 
+/// `--console virtio`: hvc0 is the guest's console (once the init loaded
+/// virtio_console: Linux drops the messages from before, as with QEMU's
+/// virtconsole), with the init's banner, a shell that takes typed input, and
+/// the kernel's messages.
+#[test]
+fn virtio_console_carries_the_kernel_log_and_a_shell() {
+    if !real_guest_available("virtio_console_carries_the_kernel_log_and_a_shell") {
+        return;
+    }
+    // The agent image loads virtio_mmio and virtio_console; its init looks
+    // for the agent's port, so the VM has one.
+    let (sock, _) = qmp_socket("rg-hvc");
+    let agent = format!("unix:{}", sock.with_file_name("vm.qga").display());
+    let (k, i) = (image("vmlinuz"), image("agent-initrd.img"));
+    let append = "console=hvc0 minivmm.action=shell";
+    let mut vm = Vm::spawn(&[
+        "--kernel",
+        &k,
+        "--initrd",
+        &i,
+        "--append",
+        append,
+        "--console",
+        "virtio",
+        "--agent",
+        &agent,
+        "--timeout",
+        HANG_TIMEOUT,
+    ]);
+    let b = vm.wait_banner(BOOT);
+    assert_eq!(b.cmdline, append);
+    vm.wait_line(BOOT, |l| l.contains("poweroff -f"));
+    // The shell computes the answer (the input reached it); the kernel's
+    // console is hvc0, and what the kernel prints now comes there.
+    vm.type_text("echo kernel-says-hi >/dev/kmsg\n");
+    vm.wait_line(BOOT, |l| l.trim_end().ends_with("] kernel-says-hi"));
+    vm.type_text("echo typed-$((6*7)) $(cat /sys/class/tty/console/active)\n");
+    vm.wait_line(BOOT, |l| l.trim_end() == "typed-42 hvc0");
+    vm.type_text("poweroff -f\n");
+    let (st, err) = vm.wait_exit(BOOT);
+    assert_eq!(st.code(), Some(0), "stderr: {err}");
+}
+
 fn qmp_socket(test: &str) -> (std::path::PathBuf, String) {
     let p = minivmm_tests::socket_path(test);
     let spec = format!("unix:{}", p.display());

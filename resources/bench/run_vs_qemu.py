@@ -23,22 +23,14 @@ import base64
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
-QEMU = "qemu-system-x86_64"
+from common import BOUND, QEMU, Agent, connect_unix, now, summary
+
 APPEND = "console=ttyS0 quiet minivmm.action=wait"
-POLL = 0.01  # guest-exec-status interval, s
-SYNC_WAIT = 0.5  # wait for one guest-sync-delimited answer, s
-BOUND = 240.0  # one run, s
-
-
-def now():
-    return time.monotonic()
 
 
 def minivmm_round(binary, images):
@@ -58,69 +50,6 @@ def minivmm_round(binary, images):
     if p.returncode != 0:
         raise RuntimeError(f"minivmm run exited {p.returncode}: {p.stderr.decode(errors='replace')}")
     return p.stdout.decode().strip(), total * 1000.0
-
-
-class Agent:
-    """The host end of QEMU's agent chardev (a Unix socket QEMU serves)."""
-
-    def __init__(self, path, deadline):
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                self.sock.close()
-                if now() > deadline:
-                    raise RuntimeError("QEMU never created the agent socket")
-                time.sleep(0.005)
-        self.buf = b""
-
-    def send(self, obj, delimit=False):
-        data = json.dumps(obj).encode() + b"\n"
-        self.sock.sendall((b"\xff" if delimit else b"") + data)
-
-    def reply(self, timeout):
-        """The next JSON line, or None after `timeout` s."""
-        end = now() + timeout
-        while b"\n" not in self.buf:
-            left = end - now()
-            if left <= 0:
-                return None
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except socket.timeout:
-                return None
-            if not chunk:
-                raise RuntimeError("the agent socket closed")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line.lstrip(b"\xff").decode())
-
-    def sync(self, deadline):
-        """guest-sync-delimited until the agent answers with our id."""
-        n = 0
-        while now() < deadline:
-            n += 1
-            self.send({"execute": "guest-sync-delimited", "arguments": {"id": n}}, delimit=True)
-            # Drop what came before the delimiter (an earlier request's
-            # answer or a parse error from a partial one).
-            end = now() + SYNC_WAIT
-            while now() < end:
-                r = self.reply(end - now())
-                if r is None:
-                    break
-                if r.get("return") == n:
-                    return
-        raise RuntimeError("the agent never answered")
-
-    def cmd(self, execute, args=None):
-        self.send({"execute": execute, "arguments": args or {}})
-        r = self.reply(BOUND)
-        if r is None or "return" not in r:
-            raise RuntimeError(f"{execute}: {r}")
-        return r["return"]
 
 
 def qemu_round(images, tmp):
@@ -145,16 +74,9 @@ def qemu_round(images, tmp):
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
-        agent = Agent(sock, deadline)
+        agent = Agent(connect_unix(sock, deadline))
         agent.sync(deadline)
-        pid = agent.cmd("guest-exec", {"path": "/bin/uname", "arg": ["-r"], "capture-output": True})["pid"]
-        while True:
-            st = agent.cmd("guest-exec-status", {"pid": pid})
-            if st.get("exited"):
-                break
-            if now() > deadline:
-                raise RuntimeError("guest-exec never finished")
-            time.sleep(POLL)
+        st = agent.exec_wait("/bin/uname", ["-r"], deadline)
         out = base64.b64decode(st.get("out-data", "")).decode().strip()
         if st.get("exitcode") != 0:
             raise RuntimeError(f"uname exited {st.get('exitcode')}")
@@ -166,15 +88,6 @@ def qemu_round(images, tmp):
             q.kill()
             q.wait()
     return out, total * 1000.0
-
-
-def summary(xs):
-    return {
-        "median": round(statistics.median(xs)),
-        "min": round(min(xs)),
-        "max": round(max(xs)),
-        "runs": [round(x) for x in xs],
-    }
 
 
 def main():

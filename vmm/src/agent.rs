@@ -3,63 +3,18 @@
 //! and the proxy's answers to QMP clients.
 
 use std::cell::RefCell;
-use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Instant;
 
 use agent_proxy::AgentProxy;
 use devices::virtio::console::AGENT_TX_QUEUE;
-use event_manager::{
-    EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
-};
+use event_manager::{EventManager, MutEventSubscriber, SubscriberId, SubscriberOps};
 use qmp::protocol::QmpError;
 use qmp::server::QmpServer;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::AgentPort;
 use crate::qmp_event::{QmpEvent, Throttle, PORT_EVENT_PERIOD};
 use crate::runtime::Runtime;
-
-/// Watches the port's queue eventfds (KVM ioeventfds) and runs the device.
-pub struct AgentQueues {
-    port: AgentPort,
-    evts: Vec<EventFd>,
-}
-
-impl AgentQueues {
-    /// Subscriber for `port`'s queues.
-    pub fn new(port: AgentPort) -> std::io::Result<Self> {
-        let evts = {
-            let t = port.lock().unwrap_or_else(|e| e.into_inner());
-            t.queue_evts()
-                .iter()
-                .map(EventFd::try_clone)
-                .collect::<Result<Vec<_>, _>>()?
-        };
-        Ok(Self { port, evts })
-    }
-}
-
-impl MutEventSubscriber for AgentQueues {
-    fn init(&mut self, ops: &mut EventOps) {
-        for (i, e) in self.evts.iter().enumerate() {
-            if let Err(err) = ops.add(Events::with_data(e, i as u32, EventSet::IN)) {
-                log::error!("cannot watch agent queue {i}: {err:?}");
-            }
-        }
-    }
-
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let i = events.data() as usize;
-        if let Some(e) = self.evts.get(i).filter(|e| e.as_raw_fd() == events.fd()) {
-            let _ = e.read();
-            self.port
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .notify(i);
-        }
-    }
-}
 
 /// Moves bytes and open/close changes between the port and the proxy; the
 /// guest's open/close become `VSERPORT_CHANGE` events. Returns whether anything
@@ -113,47 +68,12 @@ fn exchange(
     moved
 }
 
-/// Keeps the queue subscriber ([`AgentQueues`]) of the current VM's
-/// virtio-console port: a rebuilt VM has a new port, and the old one is gone.
-#[derive(Debug, Default)]
-pub struct PortWatch {
-    /// The VM generation whose port is watched, and its queue subscriber.
-    attached: Option<(u64, SubscriberId)>,
-}
-
-impl PortWatch {
-    /// Follows `port` (with its VM generation, from [`Runtime::agent_port`]);
-    /// returns whether the VM changed since the last call (a port watched
-    /// before is gone). `what` names the port in log lines.
-    pub fn follow(
-        &mut self,
-        em: &mut EventManager<Box<dyn MutEventSubscriber>>,
-        port: &Option<(u64, AgentPort)>,
-        what: &str,
-    ) -> bool {
-        let generation = port.as_ref().map(|(g, _)| *g);
-        if generation == self.attached.map(|(g, _)| g) {
-            return false;
-        }
-        if let Some((_, id)) = self.attached.take() {
-            let _ = em.remove_subscriber(id);
-        }
-        if let Some((g, p)) = port {
-            match AgentQueues::new(p.clone()) {
-                Ok(sub) => self.attached = Some((*g, em.add_subscriber(Box::new(sub)))),
-                Err(e) => log::error!("{what}: {e}"),
-            }
-        }
-        true
-    }
-}
-
 /// The VMM side of the guest-agent channel across VM rebuilds.
 pub struct AgentLink {
     proxy: Rc<RefCell<AgentProxy>>,
     proxy_id: SubscriberId,
     /// The VM generation whose port is watched, and its queue subscriber.
-    watch: PortWatch,
+    watch: crate::port_watch::PortWatch,
     /// Whether the guest has the port open.
     open: bool,
     /// `VSERPORT_CHANGE` rate limit.
@@ -170,7 +90,7 @@ impl AgentLink {
         Self {
             proxy,
             proxy_id,
-            watch: PortWatch::default(),
+            watch: Default::default(),
             open: false,
             port_events: Throttle::new(PORT_EVENT_PERIOD),
         }
@@ -191,7 +111,7 @@ impl AgentLink {
     ) -> bool {
         let port = rt.agent_port();
         let mut moved = false;
-        if self.watch.follow(em, &port, "guest agent port") && self.open {
+        if self.watch.follow(em, &port, None, "guest agent port") && self.open {
             // The old VM's port is gone, and the agent with it.
             self.open = false;
             self.proxy.borrow_mut().port_state(false);

@@ -19,6 +19,7 @@ use devices::power_button::{PowerButton, PowerButtonAml, GED_GSI};
 use devices::pvpanic::{PvPanic, PvPanicAml, PVPANIC_PORT};
 use devices::serial::{SerialAml, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use devices::virtio::console::Console;
+use devices::virtio::hvc::{Hvc, HvcInput};
 use devices::virtio::mmio::MmioTransport;
 use devices::{EventFdTrigger, NoAml};
 use kvm_bindings::{
@@ -30,7 +31,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiError};
 use crate::boot::{self, BootError, BootInfo};
-use crate::config::{SerialBackend, VmConfig};
+use crate::config::{ConsoleKind, SerialBackend, VmConfig};
 use crate::cpu::{self, CpuError};
 use crate::device_manager::{DeviceError, DeviceManager, Irq, PortRange};
 use crate::layout::KVM_TSS_ADDR;
@@ -235,6 +236,8 @@ pub struct Persistent {
     serial_out: GuestOutput,
     /// The console's last lines (`minivmm run` diagnostics).
     pub serial_tail: Option<Arc<Mutex<LineTail>>>,
+    /// With `--console virtio`: input held for hvc0, across rebuilds.
+    pub hvc_input: Option<Arc<HvcInput>>,
 }
 
 impl Persistent {
@@ -263,6 +266,10 @@ impl Persistent {
         let serial_irq = new_eventfd()?;
         let serial_input_ready = new_eventfd()?;
         let serial = new_serial(&serial_irq, &serial_input_ready, &serial_out)?;
+        let hvc_input = match cfg.console {
+            ConsoleKind::Serial => None,
+            ConsoleKind::Virtio => Some(Arc::new(HvcInput::new().map_err(BuildError::EventFd)?)),
+        };
         Ok(Self {
             kvm,
             cpuid,
@@ -272,6 +279,7 @@ impl Persistent {
             serial_irq,
             serial_out,
             serial_tail,
+            hvc_input,
         })
     }
 
@@ -323,12 +331,15 @@ fn open_serial_file(path: &Path) -> Result<File, BuildError> {
 
 /// The guest-agent port: a virtio-console behind virtio-mmio.
 pub type AgentPort = Arc<Mutex<MmioTransport<Console>>>;
+/// The guest's virtio console (`--console virtio`), behind virtio-mmio.
+pub type HvcPort = Arc<Mutex<MmioTransport<Hvc>>>;
 
 /// A built VM with its vcpu threads. Dropping it stops the vcpus, then releases
 /// the VM and its memory (field order matters).
 pub struct Vm {
     vcpus: Vcpus,
     agent_port: Option<AgentPort>,
+    hvc_port: Option<HvcPort>,
     vm_fd: VmFd,
     _memory: GuestMemoryMmap,
     power_button: PowerButton,
@@ -383,6 +394,11 @@ impl Vm {
         self.agent_port.as_ref()
     }
 
+    /// The virtio console, when the VM has one.
+    pub fn hvc_port(&self) -> Option<&HvcPort> {
+        self.hvc_port.as_ref()
+    }
+
     /// Presses the ACPI power button.
     pub fn press_power_button(&self) -> io::Result<()> {
         self.power_button.press()
@@ -426,12 +442,14 @@ pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Bu
 struct Devices {
     power_button: PowerButton,
     agent_port: Option<AgentPort>,
+    hvc_port: Option<HvcPort>,
 }
 
 /// Registers the VM's devices, in DSDT order: COM1, the i8042 (reset line only),
 /// the ACPI PM registers, the power button (GED), pvpanic, with
 /// `--isa-debug-exit` QEMU's isa-debug-exit (no ACPI node), then, with
 /// `--agent`, the guest-agent port (a virtio-console in the first virtio-mmio
+/// slot), then with `--console virtio` the guest's console `hvc` (the next
 /// slot).
 fn add_devices(
     dm: &mut DeviceManager,
@@ -439,6 +457,7 @@ fn add_devices(
     serial: &Arc<Mutex<SerialDevice>>,
     serial_irq: &EventFd,
     events: &VcpuEvents,
+    hvc: Option<Hvc>,
     cfg: &VmConfig,
 ) -> Result<Devices, BuildError> {
     dm.register_pio_device(
@@ -489,9 +508,14 @@ fn add_devices(
     } else {
         None
     };
+    let hvc_port = match hvc {
+        Some(hvc) => Some(dm.register_mmio_device(hvc, mem)?),
+        None => None,
+    };
     Ok(Devices {
         power_button: PowerButton::new(button_irq),
         agent_port,
+        hvc_port,
     })
 }
 
@@ -522,7 +546,11 @@ pub fn build_vm(cfg: &VmConfig, b: &Persistent, paused: bool) -> Result<Vm, Buil
 
     b.reset_serial()?;
     let mut dm = DeviceManager::new(&vm);
-    let devices = add_devices(&mut dm, &mem, &b.serial, &b.serial_irq, &b.events, cfg)?;
+    let hvc = b
+        .hvc_input
+        .as_ref()
+        .map(|input| Hvc::new(b.serial_out.clone(), input.clone()));
+    let devices = add_devices(&mut dm, &mem, &b.serial, &b.serial_irq, &b.events, hvc, cfg)?;
 
     let cmdline = kernel_cmdline(&cfg.cmdline, cfg.virtio_mmio_cmdline, dm.cmdline_entries());
     let cmdline_len = boot::load_cmdline(&mem, &cmdline, &kernel)?;
@@ -554,6 +582,7 @@ pub fn build_vm(cfg: &VmConfig, b: &Persistent, paused: bool) -> Result<Vm, Buil
     Ok(Vm {
         vcpus,
         agent_port: devices.agent_port,
+        hvc_port: devices.hvc_port,
         vm_fd: vm,
         _memory: mem,
         power_button: devices.power_button,

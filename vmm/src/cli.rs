@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::config::ConsoleKind;
+
 pub use crate::config::{Endpoint, SerialBackend, VmConfig};
 
 /// Largest memory size accepted (1 TiB); KVM and the host decide the real limit.
@@ -57,9 +59,10 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
 
-    /// Kernel command line, passed verbatim.
-    #[arg(long, value_name = "STR", default_value = "console=ttyS0")]
-    pub append: String,
+    /// Kernel command line, passed verbatim [default: console=ttyS0, or
+    /// console=hvc0 with --console virtio].
+    #[arg(long, value_name = "STR")]
+    pub append: Option<String>,
 
     /// Guest RAM; a number of bytes with an optional K, M, G or T suffix (powers of 1024).
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
@@ -73,6 +76,16 @@ pub struct Cli {
     /// "file:PATH" (output appended to PATH), or "none".
     #[arg(long, value_name = "BACKEND", default_value = "stdio")]
     pub serial: SerialBackend,
+
+    /// The guest's own console: "serial" (the 16550, ttyS0) or "virtio" (a
+    /// virtio console, hvc0, as QEMU's virtconsole: the same output costs a
+    /// small fraction of the VM exits). With "virtio" console input goes to
+    /// hvc0 and its output where --serial says, with the 16550's; the guest
+    /// needs virtio_mmio and virtio_console, built in or loaded by its initrd
+    /// (Linux prints nothing on hvc0 from before: add console=ttyS0 to see
+    /// early boot too).
+    #[arg(long, value_name = "KIND", value_enum, default_value_t = ConsoleKind::Serial)]
+    pub console: ConsoleKind,
 
     /// Name of the VM, used in log lines.
     #[arg(long, value_name = "NAME")]
@@ -226,10 +239,13 @@ impl From<Cli> for VmConfig {
         Self {
             kernel: c.kernel,
             initrd: c.initrd,
-            cmdline: c.append,
+            cmdline: c
+                .append
+                .unwrap_or_else(|| c.console.default_cmdline().to_string()),
             memory: c.memory,
             cpus: c.cpus,
             serial: c.serial,
+            console: c.console,
             name: c.name,
             uuid: c.uuid,
             no_reboot: c.no_reboot,
@@ -259,7 +275,15 @@ mod tests {
         let c = parse(&["--kernel", "k"]).unwrap();
         assert_eq!(c.memory, 512 << 20);
         assert_eq!(c.cpus, 1);
-        assert_eq!(c.append, "console=ttyS0");
+        assert_eq!(c.append, None);
+        assert_eq!(VmConfig::from(c).cmdline, "console=ttyS0");
+        let c = parse(&["--kernel", "k", "--console", "virtio"]).unwrap();
+        assert_eq!(VmConfig::from(c).cmdline, "console=hvc0");
+        let c = parse(&["--kernel", "k", "--console", "virtio", "--append", "x"]).unwrap();
+        assert_eq!(VmConfig::from(c).cmdline, "x", "--append is verbatim");
+        assert!(parse(&["--kernel", "k", "--console", "hvc"]).is_err());
+        let c = parse(&["--kernel", "k"]).unwrap();
+        assert_eq!(c.console, ConsoleKind::Serial);
         assert_eq!(c.serial, SerialBackend::Stdio);
         assert!(c.initrd.is_none() && c.timeout.is_none() && !c.no_reboot);
     }

@@ -20,8 +20,10 @@ pub struct VmConfig {
     pub memory: u64,
     /// Number of vcpus.
     pub cpus: u8,
-    /// Serial backend.
+    /// Serial backend (also where a virtio console's output goes).
     pub serial: SerialBackend,
+    /// The guest's own console: the 16550 or a virtio console (`hvc0`).
+    pub console: ConsoleKind,
     /// VM name.
     pub name: Option<String>,
     /// VM UUID.
@@ -47,6 +49,27 @@ pub struct VmConfig {
     /// `minivmm run`: the virtio-console port is the run channel
     /// ([`run_protocol::PORT_NAME`]) instead of the guest agent's.
     pub run_channel: bool,
+}
+
+/// Which device is the guest's own console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ConsoleKind {
+    /// The 16550 UART (COM1, `ttyS0`): every byte is a VM exit.
+    #[default]
+    Serial,
+    /// A virtio console (`hvc0`, QEMU's `virtconsole`): output in pages, far
+    /// fewer exits; the 16550 stays for early boot messages.
+    Virtio,
+}
+
+impl ConsoleKind {
+    /// The kernel command line when the user gives none.
+    pub fn default_cmdline(self) -> &'static str {
+        match self {
+            Self::Serial => "console=ttyS0",
+            Self::Virtio => "console=hvc0",
+        }
+    }
 }
 
 /// Destination of the guest's serial console.

@@ -1,5 +1,5 @@
-//! Console input: stdin into COM1's receive FIFO, and the Ctrl-A keys on a
-//! terminal.
+//! Console input: stdin into the guest's console (COM1's receive FIFO, or the
+//! virtio console's held input), and the Ctrl-A keys on a terminal.
 //!
 //! Without a terminal (a pipe, a file) stdin is read only while nothing is held
 //! back for the guest: back-pressure, nothing is lost. On a terminal stdin is
@@ -13,6 +13,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use devices::serial::SerialDevice;
+use devices::virtio::hvc::HvcInput;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -20,9 +21,31 @@ use crate::machine::Input;
 use crate::terminal::{self, EscapeCommand, EscapeParser};
 use crate::vmm::Inputs;
 
-/// Console input: stdin into COM1, with back-pressure and Ctrl-A escapes.
+/// Where console input goes.
+pub enum InputTarget {
+    /// COM1's receive FIFO.
+    Serial(Arc<Mutex<SerialDevice>>),
+    /// The virtio console (`--console virtio`).
+    Hvc(Arc<HvcInput>),
+}
+
+impl InputTarget {
+    /// Hands over what fits of `data`; returns how much.
+    fn enqueue(&self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Serial(s) => s
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enqueue_input(data),
+            Self::Hvc(h) => Ok(h.enqueue(data)),
+        }
+    }
+}
+
+/// Console input: stdin into the guest's console, with back-pressure and
+/// Ctrl-A escapes.
 pub struct ConsoleInput {
-    serial: Arc<Mutex<SerialDevice>>,
+    target: InputTarget,
     ready: EventFd,
     pending: VecDeque<u8>,
     escapes: Option<EscapeParser>,
@@ -45,10 +68,9 @@ impl ConsoleInput {
     }
 
     fn push_pending(&mut self) {
-        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         while !self.pending.is_empty() {
             let (a, _) = self.pending.as_slices();
-            match serial.enqueue_input(a) {
+            match self.target.enqueue(a) {
                 Ok(0) => break,
                 Ok(n) => {
                     self.pending.drain(..n);
@@ -122,7 +144,7 @@ impl ConsoleInput {
         self.pending.extend(&keys[..n]);
         if n < keys.len() && !self.dropping {
             self.dropping = true;
-            log::warn!("console input dropped: the guest is not reading its serial port");
+            log::warn!("console input dropped: the guest is not reading its console");
         }
     }
 }
@@ -151,17 +173,12 @@ impl MutEventSubscriber for ConsoleInput {
 }
 
 impl ConsoleInput {
-    /// Console input into `serial`; `ready` fires when the guest drained its
-    /// FIFO; with `escapes`, Ctrl-A keys are interpreted (Ctrl-A x queues
-    /// [`Input::ConsoleQuit`] on `inputs`).
-    pub fn new(
-        serial: Arc<Mutex<SerialDevice>>,
-        ready: EventFd,
-        escapes: bool,
-        inputs: Inputs,
-    ) -> Self {
+    /// Console input into `target`; `ready` fires when the guest took input
+    /// (drained the FIFO, filled receive buffers); with `escapes`, Ctrl-A keys
+    /// are interpreted (Ctrl-A x queues [`Input::ConsoleQuit`] on `inputs`).
+    pub fn new(target: InputTarget, ready: EventFd, escapes: bool, inputs: Inputs) -> Self {
         Self {
-            serial,
+            target,
             ready,
             pending: VecDeque::new(),
             escapes: escapes.then(EscapeParser::default),

@@ -22,7 +22,8 @@ use qmp::server::{QmpServer, ServerError};
 use crate::agent::AgentLink;
 use crate::builder::{self, BuildError, Persistent};
 use crate::config::{SerialBackend, VmConfig};
-use crate::console::ConsoleInput;
+use crate::console::{ConsoleInput, InputTarget};
+use crate::hvc::HvcLink;
 use crate::machine::Input;
 pub use crate::machine::Outcome;
 use crate::qmp_event::QmpEvent;
@@ -204,6 +205,7 @@ struct Io {
     qmp: Option<Monitor>,
     agent: Option<AgentLink>,
     run: Option<RunLink>,
+    hvc: Option<HvcLink>,
 }
 
 impl Io {
@@ -226,6 +228,9 @@ impl Io {
             }
             if let Some(run) = &mut self.run {
                 progressed |= run.round(em, rt);
+            }
+            if let Some(hvc) = &mut self.hvc {
+                hvc.follow(em, rt);
             }
             let events = rt.take_events();
             if let Some(m) = &self.qmp {
@@ -355,17 +360,22 @@ pub fn run_vm(
         None
     };
     if interactive {
-        let ready = persistent
-            .serial_input_ready
-            .try_clone()
-            .map_err(BuildError::EventFd)?;
+        let (target, ready) = match &persistent.hvc_input {
+            Some(input) => (InputTarget::Hvc(input.clone()), input.ready()),
+            None => (
+                InputTarget::Serial(persistent.serial.clone()),
+                &persistent.serial_input_ready,
+            ),
+        };
+        let ready = ready.try_clone().map_err(BuildError::EventFd)?;
         em.add_subscriber(Box::new(ConsoleInput::new(
-            persistent.serial.clone(),
+            target,
             ready,
             raw.is_some(),
             inputs.clone(),
         )));
     }
+    let hvc = persistent.hvc_input.clone().map(HvcLink::new);
 
     let monitors = qmp
         .as_ref()
@@ -379,6 +389,7 @@ pub fn run_vm(
         qmp,
         agent,
         run,
+        hvc,
     };
     // Attach what follows the VM (the virtio-console port's queues) before the
     // first wait: nothing else may wake the loop until the guest needs them.
@@ -527,6 +538,7 @@ mod tests {
             qmp: None,
             agent: None,
             run: None,
+            hvc: None,
         };
         for round in 0..20 {
             let inputs = [Input::Stop, Input::Cont, Input::SystemReset];

@@ -17,10 +17,10 @@
 
 use std::collections::VecDeque;
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
-
-use super::{DeviceFailure, QueueContext, VirtioDevice, INT_VRING};
+use super::{
+    complete, read_next_chain, write_to_next_buffer, DeviceFailure, QueueContext, VirtioDevice,
+    INT_VRING,
+};
 
 /// The name of the agent port.
 pub const AGENT_PORT_NAME: &str = "org.qemu.guest_agent.0";
@@ -266,67 +266,6 @@ impl Console {
             other => log::debug!("virtio-console: unknown control event {other}"),
         }
     }
-}
-
-/// Reads the readable part of the next chain on `q`; returns (head, bytes), or None
-/// when the queue is empty.
-fn read_next_chain(
-    mem: &GuestMemoryMmap,
-    q: &mut Queue,
-    limit: usize,
-) -> Result<Option<(u16, Vec<u8>)>, DeviceFailure> {
-    let Some(chain) = q.pop_descriptor_chain(mem) else {
-        return Ok(None);
-    };
-    let head = chain.head_index();
-    let mut data = Vec::new();
-    for desc in chain {
-        if desc.is_write_only() {
-            continue;
-        }
-        let len = desc.len() as usize;
-        if data.len() + len > limit {
-            return Err(DeviceFailure(format!(
-                "guest buffer larger than {limit} bytes"
-            )));
-        }
-        let start = data.len();
-        data.resize(start + len, 0);
-        mem.read_slice(&mut data[start..], desc.addr())
-            .map_err(|e| DeviceFailure(format!("bad descriptor address: {e}")))?;
-    }
-    Ok(Some((head, data)))
-}
-
-/// Writes `data` into the next chain's writable buffers; returns the bytes written,
-/// or None when the guest has no buffer available.
-fn write_to_next_buffer(
-    mem: &GuestMemoryMmap,
-    q: &mut Queue,
-    data: &[u8],
-) -> Result<Option<usize>, DeviceFailure> {
-    let Some(chain) = q.pop_descriptor_chain(mem) else {
-        return Ok(None);
-    };
-    let head = chain.head_index();
-    let mut written = 0;
-    for desc in chain {
-        if !desc.is_write_only() || written == data.len() {
-            continue;
-        }
-        let n = (desc.len() as usize).min(data.len() - written);
-        mem.write_slice(&data[written..written + n], desc.addr())
-            .map_err(|e| DeviceFailure(format!("bad descriptor address: {e}")))?;
-        written += n;
-    }
-    q.add_used(mem, head, written as u32)
-        .map_err(|e| DeviceFailure(format!("used ring: {e:?}")))?;
-    Ok(Some(written))
-}
-
-fn complete(mem: &GuestMemoryMmap, q: &mut Queue, head: u16) -> Result<(), DeviceFailure> {
-    q.add_used(mem, head, 0)
-        .map_err(|e| DeviceFailure(format!("used ring: {e:?}")))
 }
 
 impl VirtioDevice for Console {

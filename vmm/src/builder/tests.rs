@@ -222,7 +222,7 @@ fn platform_devices_keep_their_guest_visible_layout() {
     ));
     let events = VcpuEvents::new().unwrap();
     let cfg = config(&["--agent", "unix:/nonexistent/a.sock", "--isa-debug-exit"]);
-    let devices = add_devices(&mut dm, &mem, &serial, &serial_irq, &events, &cfg).unwrap();
+    let devices = add_devices(&mut dm, &mem, &serial, &serial_irq, &events, None, &cfg).unwrap();
     assert!(devices.agent_port.is_some());
 
     assert_eq!(vm.gsis(), vec![COM1_IRQ, GED_GSI, 10]);
@@ -272,7 +272,7 @@ fn without_the_agent_there_is_no_mmio_device() {
         new_serial(&irq, &irq, &devices::output::GuestOutput::sink()).unwrap(),
     ));
     let events = VcpuEvents::new().unwrap();
-    let devices = add_devices(&mut dm, &mem, &serial, &irq, &events, &config(&[])).unwrap();
+    let devices = add_devices(&mut dm, &mem, &serial, &irq, &events, None, &config(&[])).unwrap();
     assert!(devices.agent_port.is_none());
     assert_eq!(vm.gsis(), vec![COM1_IRQ, GED_GSI]);
     assert_eq!(dm.aml().len(), 5);
@@ -283,6 +283,35 @@ fn without_the_agent_there_is_no_mmio_device() {
         !pio.read(0xf4, &mut [0u8; 1]),
         "no isa-debug-exit by default"
     );
+}
+
+/// `--console virtio`: the console comes after the agent's port, in the next
+/// virtio-mmio slot, with its own GSI and command-line entry.
+#[test]
+fn the_virtio_console_takes_the_next_mmio_slot() {
+    let vm = Recorder::default();
+    let mut dm = DeviceManager::new(&vm);
+    let mem = memory::create_guest_memory(64 << 20).unwrap();
+    let irq = new_eventfd().unwrap();
+    let out = devices::output::GuestOutput::sink();
+    let serial = Arc::new(Mutex::new(new_serial(&irq, &irq, &out).unwrap()));
+    let events = VcpuEvents::new().unwrap();
+    let hvc = Hvc::new(out, Arc::new(HvcInput::new().unwrap()));
+    let cfg = config(&["--agent", "unix:/nonexistent/a.sock", "--console", "virtio"]);
+    let devices = add_devices(&mut dm, &mem, &serial, &irq, &events, Some(hvc), &cfg).unwrap();
+    assert!(devices.agent_port.is_some() && devices.hvc_port.is_some());
+    assert_eq!(vm.gsis(), vec![COM1_IRQ, GED_GSI, 10, 11]);
+    assert_eq!(
+        dm.cmdline_entries(),
+        [
+            "virtio_mmio.device=4K@0xd0000000:10",
+            "virtio_mmio.device=4K@0xd0001000:11"
+        ]
+    );
+    let (_, mmio) = dm.into_buses();
+    let mut w = [0u8; 4];
+    assert!(mmio.read(0xd000_1000 + 8, &mut w), "device id register");
+    assert_eq!(u32::from_le_bytes(w), 3, "a console");
 }
 
 /// A configuration from command-line flags (besides a kernel).

@@ -23,9 +23,9 @@ use event_manager::{
 use run_protocol::{Deframer, Exit};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::agent::PortWatch;
 use crate::builder::AgentPort;
 use crate::machine::Input;
+use crate::port_watch::PortWatch;
 use crate::runtime::Runtime;
 
 /// Bytes of the command's output held for a slow host reader, per stream.
@@ -161,7 +161,7 @@ impl RunLink {
         rt: &mut Runtime,
     ) -> bool {
         let port = rt.agent_port();
-        self.watch.follow(em, &port, "run channel");
+        self.watch.follow(em, &port, None, "run channel");
         let Some((_, port)) = port else { return false };
         let mut moved = std::mem::take(&mut self.wake.borrow_mut().room);
         moved |= self.take_from_guest(&port);

@@ -13,7 +13,7 @@ use run_protocol::Spec;
 use super::cli::RunCli;
 use super::initramfs::{self, AddSpec};
 use super::verdict::{ending, result_json};
-use crate::config::{SerialBackend, VmConfig};
+use crate::config::{ConsoleKind, SerialBackend, VmConfig};
 use crate::error::error_chain;
 use crate::vmm::{run_vm, RunChannel};
 
@@ -169,6 +169,7 @@ fn prepare(cli: &RunCli) -> Result<(VmConfig, OwnedFd), RunError> {
         memory: cli.memory,
         cpus: cli.cpus,
         serial,
+        console: ConsoleKind::Serial,
         name: Some("run".into()),
         uuid: None,
         no_reboot: true,

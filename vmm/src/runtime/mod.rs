@@ -193,6 +193,12 @@ impl Runtime {
         Some((self.machine.generation(), port))
     }
 
+    /// The current VM's virtio console, with the VM's generation.
+    pub fn hvc_port(&self) -> Option<(u64, crate::builder::HvcPort)> {
+        let port = self.vm.as_ref()?.hvc_port()?.clone();
+        Some((self.machine.generation(), port))
+    }
+
     /// Stops the vcpus, releases the VM, writes out the console (waiting at most
     /// [`OUTPUT_DRAIN`]; what could not be written is reported on stderr); says
     /// how it ended.

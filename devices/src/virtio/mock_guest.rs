@@ -1,0 +1,115 @@
+//! A guest driver for device tests: virtio-queue's mock split queues in test
+//! memory, buffers offered and sent, used entries read back.
+
+use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{Interrupt, QueueContext};
+
+/// Where buffers are allocated in test memory.
+pub const BUF_BASE: u64 = 0x10_0000;
+
+/// Plays the guest driver with virtio-queue's mock split queues.
+pub struct Guest<'a> {
+    mem: &'a GuestMemoryMmap,
+    mocks: Vec<MockSplitQueue<'a, GuestMemoryMmap>>,
+    queues: Vec<Queue>,
+    pub interrupt: Interrupt,
+    next_desc: Vec<u16>,
+    used_seen: Vec<u16>,
+    next_buf: u64,
+}
+
+impl<'a> Guest<'a> {
+    /// A driver for the six queues of a multiport console.
+    pub fn new(mem: &'a GuestMemoryMmap) -> Self {
+        Self::with_queues(mem, 6)
+    }
+
+    /// A driver for a device with `n` queues.
+    pub fn with_queues(mem: &'a GuestMemoryMmap, n: usize) -> Self {
+        let mocks: Vec<_> = (0..n as u64)
+            .map(|i| MockSplitQueue::create(mem, GuestAddress(0x1_0000 * (i + 1)), 16))
+            .collect();
+        let queues = mocks
+            .iter()
+            .map(|m| m.create_queue::<Queue>().unwrap())
+            .collect();
+        Guest {
+            mem,
+            mocks,
+            queues,
+            interrupt: Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+            next_desc: vec![0; n],
+            used_seen: vec![0; n],
+            next_buf: BUF_BASE,
+        }
+    }
+
+    pub fn ctx(&mut self) -> QueueContext<'_> {
+        QueueContext {
+            mem: self.mem,
+            queues: &mut self.queues,
+            interrupt: &self.interrupt,
+        }
+    }
+
+    pub fn alloc(&mut self, len: u32) -> u64 {
+        let a = self.next_buf;
+        self.next_buf += u64::from(len.max(1)).next_multiple_of(64);
+        a
+    }
+
+    pub fn add(&mut self, q: usize, addr: u64, len: u32, write: bool) {
+        let flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+        let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0));
+        let at = self.next_desc[q];
+        self.mocks[q].add_desc_chains(&[d], at).unwrap();
+        self.next_desc[q] += 1;
+    }
+
+    /// Offers a writable buffer of `len` bytes on queue `q`; returns its address.
+    pub fn offer(&mut self, q: usize, len: u32) -> u64 {
+        let a = self.alloc(len);
+        self.add(q, a, len, true);
+        a
+    }
+
+    /// Sends `data` on queue `q` (a readable buffer).
+    pub fn send(&mut self, q: usize, data: &[u8]) {
+        let a = self.alloc(data.len() as u32);
+        self.mem.write_slice(data, GuestAddress(a)).unwrap();
+        self.add(q, a, data.len() as u32, false);
+    }
+
+    /// New used entries on queue `q`: (descriptor id, length).
+    pub fn used(&mut self, q: usize) -> Vec<(u32, u32)> {
+        let idx = self.mocks[q].used().idx().load();
+        let mut out = vec![];
+        while self.used_seen[q] != idx {
+            let e = self.mocks[q]
+                .used()
+                .ring()
+                .ref_at(self.used_seen[q] as usize % 16)
+                .unwrap()
+                .load();
+            out.push((e.id(), e.len()));
+            self.used_seen[q] = self.used_seen[q].wrapping_add(1);
+        }
+        out
+    }
+
+    pub fn read(&self, addr: u64, len: u32) -> Vec<u8> {
+        let mut v = vec![0u8; len as usize];
+        self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+}
+
+pub fn mem() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
+}

@@ -1,0 +1,228 @@
+"""What the benchmark scripts share: clocks, the two VMMs' command lines, a
+qga-protocol client, a QMP client, the serial console reader and summaries.
+
+Both VMMs boot the same kernel and initrd with 1 vcpu and 512 MiB. QEMU is
+`-M microvm` (its smallest machine, with ACPI so that the guest sees the same
+kind of devices) with the agent on a virtio-serial port, as a user would
+script it; minivmm is started with its own flags.
+"""
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import threading
+import time
+
+QEMU = "qemu-system-x86_64"
+MEMORY_MIB = 512
+BOUND = 240.0  # one boot or one step, s
+
+
+def now():
+    return time.monotonic()
+
+
+def connect_unix(path, deadline):
+    """A connection to the socket at `path`, retried until the VMM made it."""
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            return s
+        except (FileNotFoundError, ConnectionRefusedError):
+            s.close()
+            if now() > deadline:
+                raise RuntimeError(f"no socket at {path}")
+            time.sleep(0.005)
+
+
+class Lines:
+    """Newline-delimited JSON over a socket (QMP and the guest agent)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = b""
+
+    def send(self, obj, delimit=False):
+        data = json.dumps(obj).encode() + b"\n"
+        self.sock.sendall((b"\xff" if delimit else b"") + data)
+
+    def next(self, timeout):
+        """The next JSON line, or None after `timeout` s."""
+        end = now() + timeout
+        while b"\n" not in self.buf:
+            left = end - now()
+            if left <= 0:
+                return None
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except socket.timeout:
+                return None
+            if not chunk:
+                raise RuntimeError("the socket closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line.lstrip(b"\xff").decode())
+
+
+class Agent(Lines):
+    """A qga-protocol client (QEMU's agent chardev or minivmm's agent socket)."""
+
+    def sync(self, deadline, wait=0.5):
+        """guest-sync-delimited until the agent answers with our id."""
+        n = 0
+        while now() < deadline:
+            n += 1
+            self.send({"execute": "guest-sync-delimited", "arguments": {"id": n}}, delimit=True)
+            # Drop what came before the delimiter (an earlier request's
+            # answer, a parse error from a partial one, "not connected").
+            end = now() + wait
+            while now() < end:
+                r = self.next(end - now())
+                if r is None:
+                    break
+                if r.get("return") == n:
+                    return
+                if "error" in r:
+                    # minivmm answers at once while the guest has no agent.
+                    time.sleep(min(0.01, max(0.0, end - now())))
+                    break
+        raise RuntimeError("the agent never answered")
+
+    def cmd(self, execute, args=None):
+        self.send({"execute": execute, "arguments": args or {}})
+        r = self.next(BOUND)
+        if r is None or "return" not in r:
+            raise RuntimeError(f"{execute}: {r}")
+        return r["return"]
+
+    def exec_wait(self, path, args, deadline, poll=0.01):
+        """guest-exec, then guest-exec-status every `poll` s until it exited."""
+        pid = self.cmd("guest-exec", {"path": path, "arg": args, "capture-output": True})["pid"]
+        while True:
+            st = self.cmd("guest-exec-status", {"pid": pid})
+            if st.get("exited"):
+                return st
+            if now() > deadline:
+                raise RuntimeError(f"{path} {args} never finished")
+            time.sleep(poll)
+
+
+class Qmp(Lines):
+    """A QMP client: negotiated, events kept apart from replies."""
+
+    def __init__(self, sock):
+        super().__init__(sock)
+        self.events = []
+        greeting = self.next(BOUND)
+        if not greeting or "QMP" not in greeting:
+            raise RuntimeError(f"QMP greeting: {greeting}")
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, execute, args=None):
+        msg = {"execute": execute}
+        if args:
+            msg["arguments"] = args
+        self.send(msg)
+        while True:
+            r = self.next(BOUND)
+            if r is None:
+                raise RuntimeError(f"{execute}: no reply")
+            if "event" in r:
+                self.events.append(r)
+                continue
+            if "return" not in r:
+                raise RuntimeError(f"{execute}: {r}")
+            return r["return"]
+
+    def wait_event(self, name, pred, deadline):
+        while True:
+            for e in self.events:
+                if e["event"] == name and pred(e.get("data", {})):
+                    self.events.remove(e)
+                    return e
+            r = self.next(max(0.0, deadline - now()))
+            if r is None:
+                raise RuntimeError(f"no {name} event")
+            if "event" in r:
+                self.events.append(r)
+
+
+class Console:
+    """Reads a VMM's serial output (its stdout) on a thread, with times."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.data = bytearray()
+        self.cv = threading.Condition()
+        self.closed = False
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        while True:
+            chunk = os.read(self.stream.fileno(), 1 << 16)
+            with self.cv:
+                if not chunk:
+                    self.closed = True
+                else:
+                    self.data += chunk
+                self.cv.notify_all()
+            if not chunk:
+                return
+
+    def wait(self, pred, deadline):
+        """Waits until `pred(data)` holds; returns the time it did."""
+        with self.cv:
+            while not pred(self.data):
+                left = deadline - now()
+                if left <= 0 or self.closed:
+                    tail = bytes(self.data[-400:]).decode(errors="replace")
+                    raise RuntimeError(f"console: not seen; last output: {tail!r}")
+                self.cv.wait(left)
+            return now()
+
+    def size(self):
+        with self.cv:
+            return len(self.data)
+
+
+def rss_without_guest_ram_kib(pid):
+    """The process's resident memory outside its guest RAM mapping(s), KiB.
+
+    Guest RAM is the mappings at least half the guest's size (one for both
+    VMMs at 512 MiB); everything else is the VMM's own."""
+    total, mapping_kib = 0, 0
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                mapping_kib = (hi - lo) // 1024
+            elif head == "Rss:" and mapping_kib < MEMORY_MIB * 1024 // 2:
+                total += int(line.split()[1])
+    return total
+
+
+def summary(xs, digits=0):
+    r = (lambda x: round(x)) if digits == 0 else (lambda x: round(x, digits))
+    return {
+        "median": r(statistics.median(xs)),
+        "min": r(min(xs)),
+        "max": r(max(xs)),
+        "runs": [r(x) for x in xs],
+    }
+
+
+def stop(p):
+    if p.poll() is None:
+        p.kill()
+    p.wait()
+
+
+def spawn(argv, stderr):
+    """`argv` with stdout piped (the serial console) and stderr to a file."""
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=stderr)

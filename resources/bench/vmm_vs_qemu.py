@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""minivmm against QEMU on one guest: boot, agent, QMP, memory, console.
+
+Each round boots the agent test initrd (busybox + qemu-ga; its /init prints
+`MINIVMM-INIT uptime=S` first thing) on Debian's cloud kernel with
+`console=ttyS0 quiet`, 1 vcpu, 512 MiB, the serial console on the VMM's
+stdout, QMP and the guest agent on Unix sockets, and measures:
+
+* init: spawn until the init's first line reaches the host console;
+* agent: spawn until qemu-ga answers (QMP `VSERPORT_CHANGE` open, then
+  `guest-sync-delimited` and `guest-ping`);
+* qmp_rtt: `query-status` round trip (median of 200);
+* ping_rtt: `guest-ping` round trip on the agent socket (median of 100);
+* rss: the VMM's resident memory outside guest RAM (/proc/PID/smaps) once
+  the agent answered;
+* file_read: `guest-file-read` of a 16 MiB file in 1 MiB reads, MB/s;
+* console, hvc: the guest writes N bytes to /dev/ttyS0, then M bytes to
+  /dev/hvc0 (minivmm `--console virtio`, QEMU a `virtconsole` on the same
+  stdio chardev as the serial port) with guest-exec of a shell pipe; KB/s
+  from the command's start until the host has them all;
+* the guest's dmesg (kernel timestamps, read after boot).
+
+Then QMP `quit`. One warm-up round of each (not counted), then rounds
+alternating which goes first. Prints one JSON object on stdout.
+
+Usage: vmm_vs_qemu.py --minivmm BIN --images DIR [--rounds N] [--console-bytes N]
+                      [--hvc-bytes M]
+"""
+
+import argparse
+import base64
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+
+from common import (BOUND, MEMORY_MIB, QEMU, Agent, Console, Qmp, connect_unix, now,
+                    rss_without_guest_ram_kib, spawn, stop, summary)
+
+APPEND = "console=ttyS0 quiet minivmm.action=wait"
+FILE_MIB = 16
+INIT_LINE = re.compile(rb"MINIVMM-INIT uptime=([0-9.]+)\r?\n")
+
+
+def argv_minivmm(binary, images, qmp, agent):
+    return [
+        binary,
+        "--kernel", os.path.join(images, "vmlinuz"),
+        "--initrd", os.path.join(images, "agent-initrd.img"),
+        "--append", APPEND, "--memory", f"{MEMORY_MIB}M", "--cpus", "1",
+        "--serial", "stdio", "--console", "virtio",
+        "--qmp", f"unix:{qmp}", "--agent", f"unix:{agent}",
+    ]
+
+
+def argv_qemu(images, qmp, agent):
+    return [
+        QEMU, "-M", "microvm,acpi=on,rtc=on,auto-kernel-cmdline=off",
+        "-enable-kvm", "-cpu", "host", "-m", str(MEMORY_MIB), "-smp", "1",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-chardev", "stdio,id=con0,mux=on", "-serial", "chardev:con0",
+        "-qmp", f"unix:{qmp},server=on,wait=off",
+        "-kernel", os.path.join(images, "vmlinuz"),
+        "-initrd", os.path.join(images, "agent-initrd.img"),
+        "-append", APPEND,
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,path={agent},server=on,wait=off,id=qga0",
+        "-device", "virtserialport,chardev=qga0,id=qga0,name=org.qemu.guest_agent.0",
+        "-device", "virtconsole,chardev=con0",
+    ]
+
+
+def median_ms(fn, n):
+    xs = []
+    for _ in range(n):
+        t = now()
+        fn()
+        xs.append((now() - t) * 1000.0)
+    return statistics.median(xs)
+
+
+def one_round(name, argv, qmp_path, agent_path, tmp, console_bytes, hvc_bytes):
+    for p in (qmp_path, agent_path):
+        if os.path.exists(p):
+            os.unlink(p)
+    err = open(os.path.join(tmp, f"{name}.stderr"), "w+b")
+    start = now()
+    deadline = start + BOUND
+    p = spawn(argv, err)
+    r = {}
+    try:
+        console = Console(p.stdout)
+        qmp = Qmp(connect_unix(qmp_path, deadline))
+        agent = Agent(connect_unix(agent_path, deadline))
+        t = console.wait(lambda d: INIT_LINE.search(d), deadline)
+        r["init"] = (t - start) * 1000.0
+        r["uptime_at_init"] = float(INIT_LINE.search(console.data).group(1)) * 1000.0
+        qmp.wait_event("VSERPORT_CHANGE", lambda d: d.get("open"), deadline)
+        agent.sync(deadline)
+        agent.cmd("guest-ping")
+        r["agent"] = (now() - start) * 1000.0
+        r["rss_kib"] = rss_without_guest_ram_kib(p.pid)
+        r["qmp_rtt"] = median_ms(lambda: qmp.cmd("query-status"), 200)
+        r["ping_rtt"] = median_ms(lambda: agent.cmd("guest-ping"), 100)
+
+        # 16 MiB read back in 1 MiB reads.
+        st = agent.exec_wait("/bin/dd", ["if=/dev/urandom", "of=/tmp/f", "bs=1048576",
+                                         f"count={FILE_MIB}"], deadline)
+        if st.get("exitcode") != 0:
+            raise RuntimeError(f"dd: {st}")
+        h = agent.cmd("guest-file-open", {"path": "/tmp/f", "mode": "r"})
+        got = 0
+        t = now()
+        while True:
+            rd = agent.cmd("guest-file-read", {"handle": h, "count": 1 << 20})
+            got += len(base64.b64decode(rd["buf-b64"]))
+            if rd.get("eof") or rd["count"] == 0:
+                break
+        r["file_read"] = got / (now() - t) / 1e6
+        agent.cmd("guest-file-close", {"handle": h})
+        if got != FILE_MIB << 20:
+            raise RuntimeError(f"read {got} bytes of {FILE_MIB} MiB")
+        r["rss_after_read_kib"] = rss_without_guest_ram_kib(p.pid)
+
+        # Bytes through the 16550, then through the virtio console.
+        for key, dev, n in (("console", "ttyS0", console_bytes),
+                            ("hvc", "hvc0", hvc_bytes)):
+            base = console.size()
+            t = now()
+            agent.cmd("guest-exec", {"path": "/bin/sh", "arg": [
+                "-c", f"head -c {n} /dev/zero | tr '\\000' x >/dev/{dev}"]})
+            console.wait(lambda d: d.count(b"x", base) >= n, deadline)
+            r[key] = n / (now() - t) / 1e3
+
+        st = agent.exec_wait("/bin/dmesg", [], deadline)
+        r["dmesg"] = base64.b64decode(st.get("out-data", "")).decode(errors="replace")
+        qmp.send({"execute": "quit"})
+        p.wait(timeout=max(1.0, deadline - now()))
+    except Exception as e:
+        err.seek(0)
+        raise RuntimeError(f"{name}: {e}; stderr: {err.read()[-2000:]!r}") from e
+    finally:
+        stop(p)
+        err.close()
+    return r
+
+
+METRICS = ["init", "agent", "uptime_at_init", "qmp_rtt", "ping_rtt", "rss_kib",
+           "rss_after_read_kib", "file_read", "console", "hvc"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minivmm", required=True)
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--console-bytes", type=int, default=16384)
+    ap.add_argument("--hvc-bytes", type=int, default=1 << 20)
+    a = ap.parse_args()
+    if not shutil.which(QEMU):
+        sys.exit(f"{QEMU} not found (Debian package qemu-system-x86)")
+    runs = {"minivmm": [], "qemu": []}
+    with tempfile.TemporaryDirectory(prefix="minivmm-bench-") as tmp:
+        qmp, agent = os.path.join(tmp, "qmp.sock"), os.path.join(tmp, "qga.sock")
+        argv = {
+            "minivmm": argv_minivmm(a.minivmm, a.images, qmp, agent),
+            "qemu": argv_qemu(a.images, qmp, agent),
+        }
+        for rnd in range(-1, a.rounds):
+            order = ["minivmm", "qemu"]
+            if rnd % 2:
+                order.reverse()
+            for name in order:
+                r = one_round(name, argv[name], qmp, agent, tmp, a.console_bytes, a.hvc_bytes)
+                brief = {k: round(v, 2) for k, v in r.items() if k in METRICS}
+                what = "warm-up" if rnd < 0 else f"round {rnd + 1}"
+                print(f"bench: {what}: {name} {json.dumps(brief)}", file=sys.stderr, flush=True)
+                if rnd >= 0:
+                    runs[name].append(r)
+    out = {"rounds": a.rounds, "console_bytes": a.console_bytes, "hvc_bytes": a.hvc_bytes,
+           "file_mib": FILE_MIB}
+    for name, rs in runs.items():
+        out[name] = {m: summary([r[m] for r in rs], 2) for m in METRICS}
+        out[name]["dmesg"] = rs[-1]["dmesg"]
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Writes docs/PERFORMANCE.md (on stdout) from the benchmark's results.
+
+Usage: write_docs.py RUN_JSON VMM_JSON MACHINE QEMU_VERSION NESTED COMMIT
+(RUN_JSON from run_vs_qemu.py, VMM_JSON from vmm_vs_qemu.py.)
+"""
+
+import datetime
+import json
+import re
+import sys
+
+# Goals of issue 10, as ratios minivmm / QEMU: (metric, bound, "le"|"ge").
+GOALS = {
+    "init": (0.7, "le"),
+    "agent": (0.7, "le"),
+    "qmp_rtt": (0.3, "le"),
+    "ping_rtt": (0.7, "le"),
+    "file_read": (1.5, "ge"),
+    "console": (1.0, "ge"),
+}
+
+ROWS = [
+    # metric, label, unit, scale, digits
+    ("init", "spawn → the init's first line on the console", "s", 1e-3, 2),
+    ("agent", "spawn → qemu-ga answers `guest-ping`", "s", 1e-3, 2),
+    ("uptime_at_init", "guest uptime when init starts (its own clock)", "s", 1e-3, 2),
+    ("qmp_rtt", "QMP `query-status` round trip", "ms", 1, 2),
+    ("ping_rtt", "`guest-ping` round trip on the agent socket", "ms", 1, 2),
+    ("file_read", "`guest-file-read` of 16 MiB in 1 MiB reads", "MB/s", 1, 2),
+    ("console", "guest writes to its 16550 console", "KB/s", 1, 2),
+    ("hvc", "guest writes to its virtio console (hvc0)", "KB/s", 1, 2),
+    ("rss_kib", "VMM RSS outside guest RAM, booted", "MiB", 1 / 1024, 2),
+    ("rss_after_read_kib", "VMM RSS outside guest RAM, after the read", "MiB", 1 / 1024, 2),
+]
+
+
+def fmt(x, scale, digits):
+    return f"{x * scale:.{digits}f}"
+
+
+def verdict(metric, ratio):
+    if metric not in GOALS:
+        return ""
+    bound, how = GOALS[metric]
+    ok = ratio <= bound if how == "le" else ratio >= bound
+    sign = "≤" if how == "le" else "≥"
+    return f"{sign} {bound}: {'met' if ok else 'not met'}"
+
+
+STAMP = re.compile(r"^\[\s*(\d+\.\d+)\] (.*)$")
+
+
+def timeline(dmesg, gaps=8):
+    """Milestones and the largest gaps between consecutive kernel records."""
+    recs = []
+    for line in dmesg.splitlines():
+        m = STAMP.match(line)
+        if m:
+            recs.append((float(m.group(1)), m.group(2)))
+    if not recs:
+        return ["(no dmesg)"]
+    marks = ("Linux version", "clocksource: Switched", "Freeing unused kernel image (initmem)",
+             "Run /init", "PCI: Fatal", "i8042", "virtio", "Trying to unpack rootfs",
+             "Freeing initrd memory")
+    out = ["Milestones:", ""]
+    seen = set()
+    for t, text in recs:
+        for m in marks:
+            if text.startswith(m):
+                if m not in seen:
+                    seen.add(m)
+                    out.append(f"    [{t:10.6f}] {text[:100]}")
+    deltas = sorted(((recs[i + 1][0] - recs[i][0], i) for i in range(len(recs) - 1)),
+                    reverse=True)[:gaps]
+    out += ["", f"The {gaps} largest gaps (time until the next record, after the record shown):", ""]
+    for d, i in sorted(deltas, key=lambda x: x[1]):
+        t, text = recs[i]
+        out.append(f"    +{d:6.3f} s after [{t:10.6f}] {text[:90]}")
+        out.append(f"{'':22}next: {recs[i + 1][1][:90]}")
+    return out
+
+
+def main():
+    run, vmm, machine, qemu, nested, commit = sys.argv[1:]
+    r, v = json.loads(run), json.loads(vmm)
+    m, q = r["minivmm"], r["qemu"]
+    print(f"""# Performance
+
+Written by `resources/bench.sh` (do not edit by hand); run it again to refresh.
+Measured {datetime.date.today().isoformat()} at commit `{commit}`.
+
+## Machine
+
+* KVM host for the guests: {machine}
+* nested: {nested}
+* QEMU compared with: {qemu}
+* Guest: Debian's cloud kernel `{r['release']}`, the agent test initrd
+  (`target/images/agent-initrd.img`: busybox and qemu-ga), 1 vcpu, 512 MiB.
+
+## `minivmm run` against QEMU + qemu-ga
+
+Wall time from spawning the VMM to its exit, for running `uname -r` in a
+fresh guest and getting its output ({r['rounds']} rounds, alternating which
+goes first, after one warm-up round of each; medians):
+
+| | median | min–max | runs (ms) |
+|---|---|---|---|
+| `minivmm run --initrd IMG -- uname -r` | {m['median'] / 1000:.2f} s | {m['min'] / 1000:.2f}–{m['max'] / 1000:.2f} s | {', '.join(map(str, m['runs']))} |
+| QEMU microvm + qemu-ga (`guest-exec`) | {q['median'] / 1000:.2f} s | {q['min'] / 1000:.2f}–{q['max'] / 1000:.2f} s | {', '.join(map(str, q['runs']))} |
+| ratio minivmm / QEMU | {r['ratio']:.2f} | | |
+
+Method (`resources/bench/run_vs_qemu.py`):
+
+* minivmm: `minivmm run --kernel vmlinuz --modules modules --initrd
+  agent-initrd.img -- uname -r`; minivmm packs its init and the
+  virtio modules with the initrd's files, the command's output comes over a
+  virtio-console port and the guest powers off when it ends.
+* QEMU, as a user scripts it (vmtest's method): `qemu-system-x86_64 -M
+  microvm,acpi=on,rtc=on -enable-kvm -cpu host -nodefaults` with the same
+  kernel and initrd (its `/init` loads the modules and starts qemu-ga) and
+  the agent on a virtio-serial port; the host connects to the agent socket,
+  sends `guest-sync-delimited` until the agent answers (0.5 s per try),
+  `guest-exec /bin/uname -r`, polls `guest-exec-status` every 10 ms until it
+  exited, sends `guest-shutdown` and waits for QEMU to exit.
+* Both print the same release; a round where either fails or differs stops
+  the benchmark.
+
+## One guest, side by side: boot, agent, QMP, memory, console
+
+{v['rounds']} rounds, alternating which goes first, after one warm-up round
+of each; medians (min–max). Ratio = minivmm / QEMU; the goal column is
+issue 10's.
+
+| metric | QEMU | minivmm | ratio | goal |
+|---|---|---|---|---|""")
+    for metric, label, unit, scale, digits in ROWS:
+        a, b = v["qemu"][metric], v["minivmm"][metric]
+        ratio = b["median"] / a["median"] if a["median"] else float("nan")
+        cell = lambda s: (f"{fmt(s['median'], scale, digits)} {unit} "
+                          f"({fmt(s['min'], scale, digits)}–{fmt(s['max'], scale, digits)})")
+        print(f"| {label} | {cell(a)} | {cell(b)} | {ratio:.2f} | {verdict(metric, ratio)} |")
+    m_hvc, m_ser = v["minivmm"]["hvc"]["median"], v["minivmm"]["console"]["median"]
+    hv = m_hvc / m_ser if m_ser else float("nan")
+    print(f"""
+minivmm's virtio console against its own 16550: {hv:.1f}× the throughput
+(goal ≥ 10×: {'met' if hv >= 10 else 'not met'}).""")
+    print(f"""
+Method (`resources/bench/vmm_vs_qemu.py`): both boot the same kernel and
+agent initrd with `console=ttyS0 quiet`, the serial console on the VMM's
+stdout, QMP and the agent on Unix sockets (QEMU: `-M microvm,acpi=on` with
+`virtio-serial-device` and a `virtserialport` for qemu-ga). The init prints
+`MINIVMM-INIT uptime=…` first thing; "agent" is the QMP `VSERPORT_CHANGE`
+(open) event, then `guest-sync-delimited` and `guest-ping` answered. The
+round trips are medians of 200 `query-status` and 100 `guest-ping`. The
+file is 16 MiB of `/dev/urandom` written by `dd` in the guest. The console
+figures are {v['console_bytes']} bytes to `/dev/ttyS0` and {v['hvc_bytes']} bytes to
+`/dev/hvc0` written by `head -c N /dev/zero | tr` (through the guest's tty
+layer), timed from `guest-exec` until the host read them all (minivmm with
+`--console virtio`; QEMU with a `virtconsole` on the serial port's stdio
+chardev). Nested, each byte written to the 16550 is an exit through two
+levels, so 1 MiB through it would take many minutes. RSS is
+`/proc/PID/smaps` without the guest-RAM mapping.
+
+## Where boot time goes: the guest's dmesg
+
+Kernel timestamps of the last minivmm round (read with `dmesg` through the
+agent after boot, so printing them cost the boot nothing):
+""")
+    print("\n".join(timeline(v["minivmm"]["dmesg"])))
+    print("""
+The same for QEMU:
+""")
+    print("\n".join(timeline(v["qemu"]["dmesg"])))
+
+
+if __name__ == "__main__":
+    main()
