@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import BOUND, QEMU, Agent, connect_unix, now, summary
+from common import BOUND, QEMU, Agent, connect_unix, now, qemu_argv, summary
 
 APPEND = "console=ttyS0 quiet minivmm.action=wait"
 
@@ -59,18 +59,7 @@ def qemu_round(images, tmp):
     start = now()
     deadline = start + BOUND
     q = subprocess.Popen(
-        [
-            QEMU, "-M", "microvm,acpi=on,rtc=on,auto-kernel-cmdline=off",
-            "-enable-kvm", "-cpu", "host", "-m", "512", "-smp", "1",
-            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-            "-serial", "null",
-            "-kernel", os.path.join(images, "vmlinuz"),
-            "-initrd", os.path.join(images, "agent-initrd.img"),
-            "-append", APPEND,
-            "-device", "virtio-serial-device",
-            "-chardev", f"socket,path={sock},server=on,wait=off,id=qga0",
-            "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-        ],
+        qemu_argv(images, APPEND, sock, "null"),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:

@@ -38,7 +38,7 @@ import sys
 import tempfile
 
 from common import (BOUND, MEMORY_MIB, QEMU, Agent, Console, Qmp, connect_unix, now,
-                    rss_without_guest_ram_kib, spawn, stop, summary)
+                    qemu_argv, rss_without_guest_ram_kib, spawn, stop, summary)
 
 APPEND = "console=ttyS0 quiet minivmm.action=wait"
 FILE_MIB = 16
@@ -57,18 +57,10 @@ def argv_minivmm(binary, images, qmp, agent):
 
 
 def argv_qemu(images, qmp, agent):
-    return [
-        QEMU, "-M", "microvm,acpi=on,rtc=on,auto-kernel-cmdline=off",
-        "-enable-kvm", "-cpu", "host", "-m", str(MEMORY_MIB), "-smp", "1",
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-chardev", "stdio,id=con0,mux=on", "-serial", "chardev:con0",
+    # The serial port and a virtconsole share one stdio chardev.
+    argv = qemu_argv(images, APPEND, agent, "chardev:con0")
+    return argv[:1] + ["-chardev", "stdio,id=con0,mux=on"] + argv[1:] + [
         "-qmp", f"unix:{qmp},server=on,wait=off",
-        "-kernel", os.path.join(images, "vmlinuz"),
-        "-initrd", os.path.join(images, "agent-initrd.img"),
-        "-append", APPEND,
-        "-device", "virtio-serial-device",
-        "-chardev", f"socket,path={agent},server=on,wait=off,id=qga0",
-        "-device", "virtserialport,chardev=qga0,id=qga0,name=org.qemu.guest_agent.0",
         "-device", "virtconsole,chardev=con0",
     ]
 
