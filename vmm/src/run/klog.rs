@@ -49,9 +49,14 @@ fn timestamp(line: &str) -> Option<u64> {
     Some(secs * 1_000_000 + micros)
 }
 
+/// What a panic's first line says; the excerpt keeps that line even when the
+/// panic's stack trace alone fills [`LINES`].
+const PANIC_MARK: &str = "Kernel panic - not syncing";
+
 /// The excerpt: the forwarded records, then the console lines printed after
 /// the last of them (the console shows only part of the log; what it has
-/// that the records have too is not repeated); the last [`LINES`].
+/// that the records have too is not repeated); the last [`LINES`], the first
+/// of them the panic's own line if there was a panic.
 pub fn merge(records: &VecDeque<String>, console: &[String]) -> Vec<String> {
     let last = records.iter().rev().find_map(|r| timestamp(r));
     // After the last console line the records already have; lines without
@@ -70,7 +75,12 @@ pub fn merge(records: &VecDeque<String>, console: &[String]) -> Vec<String> {
         .chain(console[newer_from..].iter().cloned())
         .collect();
     let skip = all.len().saturating_sub(LINES);
-    all[skip..].to_vec()
+    match all.iter().rposition(|l| l.contains(PANIC_MARK)) {
+        Some(i) if i < skip => std::iter::once(all[i].clone())
+            .chain(all[skip + 1..].iter().cloned())
+            .collect(),
+        _ => all[skip..].to_vec(),
+    }
 }
 
 /// The last [`LINES`] lines of a byte stream.
@@ -78,6 +88,8 @@ pub fn merge(records: &VecDeque<String>, console: &[String]) -> Vec<String> {
 pub struct LineTail {
     lines: VecDeque<String>,
     partial: Vec<u8>,
+    /// The last panic line, kept when it scrolls out.
+    panic_line: Option<String>,
 }
 
 impl LineTail {
@@ -96,15 +108,20 @@ impl LineTail {
     fn end_line(&mut self) {
         let line = String::from_utf8_lossy(&self.partial).into_owned();
         self.partial.clear();
+        if line.contains(PANIC_MARK) {
+            self.panic_line = Some(line.clone());
+        }
         if self.lines.len() == LINES {
             self.lines.pop_front();
         }
         self.lines.push_back(line);
     }
 
-    /// The lines, with an unfinished last one.
+    /// The lines, with an unfinished last one, after the last panic line if
+    /// that scrolled out.
     pub fn lines(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.lines.iter().cloned().collect();
+        let scrolled = self.panic_line.as_ref().filter(|p| !self.lines.contains(p));
+        let mut v: Vec<String> = scrolled.into_iter().chain(&self.lines).cloned().collect();
         if !self.partial.is_empty() {
             v.push(String::from_utf8_lossy(&self.partial).into_owned());
         }
@@ -190,6 +207,31 @@ mod tests {
         let m = merge(&records, &many);
         assert_eq!(m.len(), LINES);
         assert_eq!(m[LINES - 1], "[  199.000000] x");
+    }
+
+    /// A panic whose stack trace is longer than the excerpt: its first line
+    /// stays, first, so the excerpt says what happened.
+    #[test]
+    fn the_panic_line_outlives_a_long_stack_trace() {
+        let mut t = LineTail::default();
+        t.feed(b"[    2.000000] sysrq: Trigger a crash\n");
+        t.feed(b"[    2.000100] Kernel panic - not syncing: sysrq triggered crash\n");
+        for i in 0..LINES + 10 {
+            t.feed(format!("[    2.000200]  ? frame_{i}+0x5/0x10\n").as_bytes());
+        }
+        let lines = t.lines();
+        assert_eq!(lines.len(), LINES + 1);
+        assert!(lines[0].contains("Kernel panic - not syncing: sysrq"));
+        let records: VecDeque<String> = ["[    2.000000] sysrq: Trigger a crash".into()].into();
+        let m = merge(&records, &lines);
+        assert_eq!(m.len(), LINES);
+        assert!(m[0].contains("Kernel panic - not syncing: sysrq"), "{m:?}");
+        assert!(m[LINES - 1].contains(&format!("frame_{}", LINES + 9)));
+        // Without a panic nothing is pinned.
+        let plain: Vec<String> = (0..LINES + 5)
+            .map(|i| format!("[    3.000000] {i}"))
+            .collect();
+        assert_eq!(merge(&VecDeque::new(), &plain)[0], "[    3.000000] 5");
     }
 
     #[test]
