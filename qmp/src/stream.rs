@@ -143,8 +143,25 @@ impl JsonStreamer {
         if self.failed {
             return;
         }
-        for &b in input {
-            self.byte(b, out);
+        let mut i = 0;
+        while i < input.len() {
+            // Fast path for the plain bytes inside a string (most of a large
+            // message, e.g. a file's base64): one copy for the whole run. The
+            // same as `byte` for each of them.
+            let run = match self.state {
+                State::String { escaped: false } => input[i..]
+                    .iter()
+                    .position(|&b| b == b'"' || b == b'\\' || !(0x20..0xfe).contains(&b))
+                    .unwrap_or(input.len() - i),
+                _ => 0,
+            };
+            if run > 0 {
+                self.buf.extend_from_slice(&input[i..i + run]);
+                i += run;
+            } else {
+                self.byte(input[i], out);
+                i += 1;
+            }
             if self.buf.len() > self.max {
                 self.failed = true;
                 self.reset();
@@ -259,6 +276,31 @@ mod tests {
             s.feed(c, &mut out);
         }
         out
+    }
+
+    /// Whole chunks (the fast path through strings) and single bytes frame
+    /// the same: strings with escapes, control bytes, 0xFF, a size limit.
+    #[test]
+    fn runs_inside_strings_frame_as_single_bytes_do() {
+        let long = format!("{{\"s\": \"{}\"}}", "x".repeat(300));
+        let inputs: [&[u8]; 6] = [
+            b"{\"a\": \"plain\", \"b\": \"esc \\\" \\\\ \\u0041 end\"} [\"x\"]",
+            b"{\"a\": \"ctl \x01 here\"} {\"b\": 1}",
+            b"{\"a\": \"ff \xff\"} {\"c\": \"\xfe\"} 7 ",
+            b"\"top-level string\" {\"u\": \"\xc3\xa9\"}",
+            long.as_bytes(),
+            b"{\"unterminated\": \"abc",
+        ];
+        for input in inputs {
+            for max in [64, 1 << 20] {
+                let mut whole = JsonStreamer::new(max);
+                let a = feed_all(&mut whole, &[input]);
+                let mut bytes = JsonStreamer::new(max);
+                let chunks: Vec<&[u8]> = input.chunks(1).collect();
+                let b = feed_all(&mut bytes, &chunks);
+                assert_eq!(a, b, "{:?} max {max}", String::from_utf8_lossy(input));
+            }
+        }
     }
 
     #[test]
