@@ -12,6 +12,7 @@ import os
 import socket
 import statistics
 import subprocess
+import sys
 import threading
 import time
 
@@ -96,8 +97,9 @@ class Agent(Lines):
         while now() < deadline:
             n += 1
             self.send({"execute": "guest-sync-delimited", "arguments": {"id": n}}, delimit=True)
-            # Drop what came before the delimiter (an earlier request's
-            # answer, a parse error from a partial one, "not connected").
+            # Drop what comes before our answer: earlier requests' answers
+            # (the agent answers every sync it got, in order) and parse
+            # errors from what preceded each 0xFF.
             end = now() + wait
             while now() < end:
                 r = self.next(end - now())
@@ -105,10 +107,6 @@ class Agent(Lines):
                     break
                 if r.get("return") == n:
                     return
-                if "error" in r:
-                    # minivmm answers at once while the guest has no agent.
-                    time.sleep(min(0.01, max(0.0, end - now())))
-                    break
         raise RuntimeError("the agent never answered")
 
     def cmd(self, execute, args=None):
@@ -223,6 +221,21 @@ def rss_without_guest_ram_kib(pid):
             elif head == "Rss:" and mapping_kib < MEMORY_MIB * 1024 // 2:
                 total += int(line.split()[1])
     return total
+
+
+def attempts(name, fn, tries=3):
+    """`fn()`, tried again (at most `tries` times in all) when it fails: nested,
+    a guest sometimes dies or hangs whatever the VMM (resources/README.md).
+    Returns its result and how many attempts failed."""
+    failed = 0
+    while True:
+        try:
+            return fn(), failed
+        except Exception as e:  # noqa: BLE001 - any failure of the round
+            failed += 1
+            print(f"bench: {name}: attempt failed: {e}", file=sys.stderr, flush=True)
+            if failed >= tries:
+                raise
 
 
 def summary(xs, digits=0):

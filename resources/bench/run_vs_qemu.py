@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import BOUND, QEMU, Agent, connect_unix, now, qemu_argv, summary
+from common import BOUND, QEMU, Agent, attempts, connect_unix, now, qemu_argv, summary
 
 APPEND = "console=ttyS0 quiet minivmm.action=wait"
 
@@ -88,6 +88,7 @@ def main():
     if not shutil.which(QEMU):
         sys.exit(f"{QEMU} not found (Debian package qemu-system-x86)")
     mv, qm = [], []
+    failed = {"minivmm": 0, "qemu": 0}
     release = None
     with tempfile.TemporaryDirectory(prefix="minivmm-bench-") as tmp:
         for r in range(-1, a.rounds):
@@ -96,9 +97,10 @@ def main():
                 order.reverse()
             for name, acc in order:
                 if name == "minivmm":
-                    out, ms = minivmm_round(a.minivmm, a.images)
+                    (out, ms), f = attempts(name, lambda: minivmm_round(a.minivmm, a.images))
                 else:
-                    out, ms = qemu_round(a.images, tmp)
+                    (out, ms), f = attempts(name, lambda: qemu_round(a.images, tmp))
+                failed[name] += f
                 if release is None:
                     release = out
                 if out != release or not out:
@@ -115,6 +117,7 @@ def main():
         "minivmm": m,
         "qemu": q,
         "ratio": round(statistics.median(mv) / statistics.median(qm), 2),
+        "failed_attempts": failed,
     }))
 
 

@@ -37,8 +37,8 @@ import statistics
 import sys
 import tempfile
 
-from common import (BOUND, MEMORY_MIB, QEMU, Agent, Console, Qmp, connect_unix, now,
-                    qemu_argv, rss_without_guest_ram_kib, spawn, stop, summary)
+from common import (BOUND, MEMORY_MIB, QEMU, Agent, Console, Qmp, attempts, connect_unix,
+                    now, qemu_argv, rss_without_guest_ram_kib, spawn, stop, summary)
 
 APPEND = "console=ttyS0 quiet minivmm.action=wait"
 FILE_MIB = 16
@@ -155,6 +155,7 @@ def main():
     if not shutil.which(QEMU):
         sys.exit(f"{QEMU} not found (Debian package qemu-system-x86)")
     runs = {"minivmm": [], "qemu": []}
+    failed = {"minivmm": 0, "qemu": 0}
     with tempfile.TemporaryDirectory(prefix="minivmm-bench-") as tmp:
         qmp, agent = os.path.join(tmp, "qmp.sock"), os.path.join(tmp, "qga.sock")
         argv = {
@@ -166,14 +167,16 @@ def main():
             if rnd % 2:
                 order.reverse()
             for name in order:
-                r = one_round(name, argv[name], qmp, agent, tmp, a.console_bytes, a.hvc_bytes)
+                r, f = attempts(name, lambda: one_round(name, argv[name], qmp, agent, tmp,
+                                                        a.console_bytes, a.hvc_bytes))
+                failed[name] += f
                 brief = {k: round(v, 2) for k, v in r.items() if k in METRICS}
                 what = "warm-up" if rnd < 0 else f"round {rnd + 1}"
                 print(f"bench: {what}: {name} {json.dumps(brief)}", file=sys.stderr, flush=True)
                 if rnd >= 0:
                     runs[name].append(r)
     out = {"rounds": a.rounds, "console_bytes": a.console_bytes, "hvc_bytes": a.hvc_bytes,
-           "file_mib": FILE_MIB}
+           "file_mib": FILE_MIB, "failed_attempts": failed}
     for name, rs in runs.items():
         out[name] = {m: summary([r[m] for r in rs], 2) for m in METRICS}
         out[name]["dmesg"] = rs[-1]["dmesg"]

@@ -160,7 +160,8 @@ layer), timed from `guest-exec` until the host read them all (minivmm with
 `--console virtio`; QEMU with a `virtconsole` on the serial port's stdio
 chardev). Nested, each byte written to the 16550 is an exit through two
 levels, so 1 MiB through it would take many minutes. RSS is
-`/proc/PID/smaps` without the guest-RAM mapping.
+`/proc/PID/smaps` without the guest-RAM mapping. Failed attempts (a round
+run again): minivmm {v.get('failed_attempts', {}).get('minivmm', 0)}, QEMU {v.get('failed_attempts', {}).get('qemu', 0)}.
 
 ## Where boot time goes: the guest's dmesg
 
