@@ -111,7 +111,7 @@ impl AgentLink {
     ) -> bool {
         let port = rt.agent_port();
         let mut moved = false;
-        if self.watch.follow(em, &port, &[], "guest agent port") && self.open {
+        if self.watch.follow(em, &port, None, "guest agent port") && self.open {
             // The old VM's port is gone, and the agent with it.
             self.open = false;
             self.proxy.borrow_mut().port_state(false);

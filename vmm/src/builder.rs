@@ -19,7 +19,7 @@ use devices::power_button::{PowerButton, PowerButtonAml, GED_GSI};
 use devices::pvpanic::{PvPanic, PvPanicAml, PVPANIC_PORT};
 use devices::serial::{SerialAml, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use devices::virtio::console::Console;
-use devices::virtio::hvc::{Hvc, HvcHost};
+use devices::virtio::hvc::{Hvc, HvcInput};
 use devices::virtio::mmio::MmioTransport;
 use devices::{EventFdTrigger, NoAml};
 use kvm_bindings::{
@@ -237,7 +237,7 @@ pub struct Persistent {
     /// The console's last lines (`minivmm run` diagnostics).
     pub serial_tail: Option<Arc<Mutex<LineTail>>>,
     /// With `--console virtio`: input held for hvc0, across rebuilds.
-    pub hvc_host: Option<Arc<HvcHost>>,
+    pub hvc_input: Option<Arc<HvcInput>>,
 }
 
 impl Persistent {
@@ -266,14 +266,9 @@ impl Persistent {
         let serial_irq = new_eventfd()?;
         let serial_input_ready = new_eventfd()?;
         let serial = new_serial(&serial_irq, &serial_input_ready, &serial_out)?;
-        let hvc_host = match cfg.console {
+        let hvc_input = match cfg.console {
             ConsoleKind::Serial => None,
-            ConsoleKind::Virtio => {
-                let host = HvcHost::new().map_err(BuildError::EventFd)?;
-                // Output the virtio console holds back goes out on progress.
-                serial_out.notify_progress(dup(host.output_progress())?);
-                Some(Arc::new(host))
-            }
+            ConsoleKind::Virtio => Some(Arc::new(HvcInput::new().map_err(BuildError::EventFd)?)),
         };
         Ok(Self {
             kvm,
@@ -284,7 +279,7 @@ impl Persistent {
             serial_irq,
             serial_out,
             serial_tail,
-            hvc_host,
+            hvc_input,
         })
     }
 
@@ -552,7 +547,7 @@ pub fn build_vm(cfg: &VmConfig, b: &Persistent, paused: bool) -> Result<Vm, Buil
     b.reset_serial()?;
     let mut dm = DeviceManager::new(&vm);
     let hvc = b
-        .hvc_host
+        .hvc_input
         .as_ref()
         .map(|input| Hvc::new(b.serial_out.clone(), input.clone()));
     let devices = add_devices(&mut dm, &mem, &b.serial, &b.serial_irq, &b.events, hvc, cfg)?;

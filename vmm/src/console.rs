@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use devices::serial::SerialDevice;
-use devices::virtio::hvc::HvcHost;
+use devices::virtio::hvc::HvcInput;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -26,7 +26,7 @@ pub enum InputTarget {
     /// COM1's receive FIFO.
     Serial(Arc<Mutex<SerialDevice>>),
     /// The virtio console (`--console virtio`).
-    Hvc(Arc<HvcHost>),
+    Hvc(Arc<HvcInput>),
 }
 
 impl InputTarget {

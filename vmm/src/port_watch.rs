@@ -28,10 +28,9 @@ pub struct QueueWatch<D: VirtioDevice> {
 }
 
 impl<D: VirtioDevice> QueueWatch<D> {
-    /// Subscriber for `port`'s queues, and for each of `extras` (an eventfd
-    /// and the queue to process when it fires: host input waiting for the
-    /// guest, room for output waiting in the ring).
-    pub fn new(port: Port<D>, extras: &[(&EventFd, usize)]) -> io::Result<Self> {
+    /// Subscriber for `port`'s queues, and for `extra` (an eventfd and the
+    /// queue to process when it fires: host data waiting for the guest).
+    pub fn new(port: Port<D>, extra: Option<(&EventFd, usize)>) -> io::Result<Self> {
         let mut evts = {
             let t = port.lock().unwrap_or_else(|e| e.into_inner());
             t.queue_evts()
@@ -40,8 +39,8 @@ impl<D: VirtioDevice> QueueWatch<D> {
                 .map(|(i, e)| Ok((e.try_clone()?, i)))
                 .collect::<io::Result<Vec<_>>>()?
         };
-        for (e, q) in extras {
-            evts.push((e.try_clone()?, *q));
+        if let Some((e, q)) = extra {
+            evts.push((e.try_clone()?, q));
         }
         Ok(Self { port, evts })
     }
@@ -83,13 +82,13 @@ pub struct PortWatch {
 impl PortWatch {
     /// Follows `port` (with its VM generation, from the runtime); returns
     /// whether the VM changed since the last call (a device watched before is
-    /// gone). `extras` as for [`QueueWatch::new`]; `what` names the device in
+    /// gone). `extra` as for [`QueueWatch::new`]; `what` names the device in
     /// log lines.
     pub fn follow<D: VirtioDevice + 'static>(
         &mut self,
         em: &mut EventManager<Box<dyn MutEventSubscriber>>,
         port: &Option<(u64, Port<D>)>,
-        extras: &[(&EventFd, usize)],
+        extra: Option<(&EventFd, usize)>,
         what: &str,
     ) -> bool {
         let generation = port.as_ref().map(|(g, _)| *g);
@@ -100,7 +99,7 @@ impl PortWatch {
             let _ = em.remove_subscriber(id);
         }
         if let Some((g, p)) = port {
-            match QueueWatch::new(p.clone(), extras) {
+            match QueueWatch::new(p.clone(), extra) {
                 Ok(sub) => self.attached = Some((*g, em.add_subscriber(Box::new(sub)))),
                 Err(e) => log::error!("{what}: {e}"),
             }

@@ -360,7 +360,7 @@ pub fn run_vm(
         None
     };
     if interactive {
-        let (target, ready) = match &persistent.hvc_host {
+        let (target, ready) = match &persistent.hvc_input {
             Some(input) => (InputTarget::Hvc(input.clone()), input.ready()),
             None => (
                 InputTarget::Serial(persistent.serial.clone()),
@@ -375,7 +375,7 @@ pub fn run_vm(
             inputs.clone(),
         )));
     }
-    let hvc = persistent.hvc_host.clone().map(HvcLink::new);
+    let hvc = persistent.hvc_input.clone().map(HvcLink::new);
 
     let monitors = qmp
         .as_ref()

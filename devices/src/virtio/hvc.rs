@@ -10,12 +10,11 @@
 //! fraction of the exits.
 //!
 //! Guest output goes to the same bounded host output as the 16550's
-//! ([`GuestOutput`]), but unlike the UART's nothing is dropped: a transmit
-//! buffer that does not fit waits in the ring (the guest's writes wait, as
-//! with QEMU's virtconsole on a slow chardev) until the host output made room
-//! ([`HvcHost::output_progress`]). Host input waits in the [`HvcHost`], which
-//! outlives the VM (a rebuilt VM's console gets what was typed meanwhile), and
-//! goes into the guest's receive buffers as the guest posts them.
+//! ([`GuestOutput`]): the guest never waits for the host; what does not fit is
+//! dropped and counted, as for the UART. Host input waits in an [`HvcInput`],
+//! which outlives the VM (a rebuilt VM's console gets what was typed
+//! meanwhile), and goes into the guest's receive buffers as the guest posts
+//! them.
 
 use std::collections::VecDeque;
 use std::io;
@@ -24,45 +23,37 @@ use std::sync::{Mutex, MutexGuard};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::console::VIRTIO_ID_CONSOLE;
-use virtio_queue::QueueOwnedT;
-
 use super::{
     complete, read_next_chain, write_to_next_buffer, DeviceFailure, QueueContext, VirtioDevice,
     INT_VRING,
 };
-use crate::output::{GuestOutput, OUTPUT_BUFFER};
+use crate::output::GuestOutput;
 
-/// Host input held for the guest; [`HvcHost::enqueue`] takes no more.
+/// Host input held for the guest; [`HvcInput::enqueue`] takes no more.
 pub const MAX_INPUT: usize = 4096;
 /// The largest transmit chain the guest may post; a larger one fails the device.
-/// Any chain fits in an empty host output of [`OUTPUT_BUFFER`] bytes, so a
-/// chain that waits for room waits only for the host.
 pub const MAX_CHAIN: usize = 1 << 20;
-const _: () = assert!(MAX_CHAIN <= OUTPUT_BUFFER);
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 
 /// Host input for the console, kept across VM rebuilds.
 #[derive(Debug)]
-pub struct HvcHost {
+pub struct HvcInput {
     held: Mutex<VecDeque<u8>>,
     /// Signalled when the device took input (there is room again).
     ready: EventFd,
     /// Signalled when input arrives (the VMM thread hands it to the device).
     pending: EventFd,
-    /// Signalled when the host output wrote a chunk (room for waiting output).
-    output_progress: EventFd,
 }
 
-impl HvcHost {
+impl HvcInput {
     /// Empty, with fresh non-blocking eventfds.
     pub fn new() -> io::Result<Self> {
         Ok(Self {
             held: Mutex::new(VecDeque::new()),
             ready: EventFd::new(EFD_NONBLOCK)?,
             pending: EventFd::new(EFD_NONBLOCK)?,
-            output_progress: EventFd::new(EFD_NONBLOCK)?,
         })
     }
 
@@ -100,19 +91,12 @@ impl HvcHost {
     pub fn pending(&self) -> &EventFd {
         &self.pending
     }
-
-    /// Fires when the host output made progress: give it to
-    /// [`GuestOutput::notify_progress`], and process the transmit queue again
-    /// when it fires.
-    pub fn output_progress(&self) -> &EventFd {
-        &self.output_progress
-    }
 }
 
 /// The console device.
 pub struct Hvc {
     out: GuestOutput,
-    input: std::sync::Arc<HvcHost>,
+    input: std::sync::Arc<HvcInput>,
 }
 
 impl std::fmt::Debug for Hvc {
@@ -123,7 +107,7 @@ impl std::fmt::Debug for Hvc {
 
 impl Hvc {
     /// A console writing to `out` and reading from `input`.
-    pub fn new(out: GuestOutput, input: std::sync::Arc<HvcHost>) -> Self {
+    pub fn new(out: GuestOutput, input: std::sync::Arc<HvcInput>) -> Self {
         Self { out, input }
     }
 
@@ -154,11 +138,6 @@ impl Hvc {
     fn take_output(&mut self, ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
         let mut any = false;
         while let Some((head, data)) = read_next_chain(ctx.mem, &mut ctx.queues[TX], MAX_CHAIN)? {
-            if data.len() > self.out.room() {
-                // Back into the ring until the host output made room.
-                ctx.queues[TX].go_to_previous_position();
-                break;
-            }
             self.out.push(&data);
             complete(ctx.mem, &mut ctx.queues[TX], head)?;
             any = true;
@@ -225,7 +204,7 @@ mod tests {
     #[test]
     fn a_console_without_multiport() {
         let (out, _r) = output();
-        let d = Hvc::new(out, Arc::new(HvcHost::new().unwrap()));
+        let d = Hvc::new(out, Arc::new(HvcInput::new().unwrap()));
         assert_eq!(d.device_type(), 3);
         assert_eq!(d.features(), 0, "no MULTIPORT: Linux makes port 0 hvc0");
         assert_eq!(d.queue_max_sizes().len(), 2);
@@ -239,7 +218,7 @@ mod tests {
         let m = mem();
         let mut g = Guest::with_queues(&m, 2);
         let (out, mut r) = output();
-        let mut d = Hvc::new(out.clone(), Arc::new(HvcHost::new().unwrap()));
+        let mut d = Hvc::new(out.clone(), Arc::new(HvcInput::new().unwrap()));
         d.activate(0, &mut g.ctx()).unwrap();
         g.send(TX, b"Linux version ");
         g.send(TX, b"6.1\n");
@@ -257,7 +236,7 @@ mod tests {
         let m = mem();
         let mut g = Guest::with_queues(&m, 2);
         let (out, _r) = output();
-        let input = Arc::new(HvcHost::new().unwrap());
+        let input = Arc::new(HvcInput::new().unwrap());
         let mut d = Hvc::new(out, input.clone());
         d.activate(0, &mut g.ctx()).unwrap();
         assert_eq!(input.enqueue(b"ls -l\n"), 6);
@@ -280,54 +259,10 @@ mod tests {
         assert!(input.is_empty());
     }
 
-    /// Output that does not fit waits in the ring, whole, and goes out once
-    /// the host output made room: nothing is dropped.
-    #[test]
-    fn output_waits_for_room_instead_of_being_dropped() {
-        let m = mem();
-        let mut g = Guest::with_queues(&m, 2);
-        let (r, w) = UnixStream::pair().unwrap();
-        let out = GuestOutput::new(Box::new(w), 8192).unwrap();
-        let host = Arc::new(HvcHost::new().unwrap());
-        out.notify_progress(host.output_progress().try_clone().unwrap());
-        let mut d = Hvc::new(out.clone(), host.clone());
-        // The reader is not reading: the socket fills, then the buffer.
-        r.set_nonblocking(true).unwrap();
-        let chunk = vec![b'z'; 4096];
-        let mut sent = 0;
-        for _ in 0..200 {
-            g.send(TX, &chunk);
-            d.process_queue(TX, &mut g.ctx()).unwrap();
-            if g.used(TX).is_empty() {
-                break;
-            }
-            sent += 1;
-        }
-        assert!(sent < 200, "a chain waits once nothing fits");
-        // The reader reads everything: the waiting chain goes out whole.
-        let mut got = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut buf = [0u8; 65536];
-        while got.len() < (sent + 1) * 4096 && Instant::now() < deadline {
-            match (&r).read(&mut buf) {
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(_) => {
-                    // Progress came: the device takes the waiting chain.
-                    if host.output_progress().read().is_ok() {
-                        d.process_queue(TX, &mut g.ctx()).unwrap();
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-        }
-        assert_eq!(got.len(), (sent + 1) * 4096, "nothing dropped");
-        assert!(got.iter().all(|&b| b == b'z'));
-    }
-
     #[test]
     fn held_input_is_bounded_and_survives_a_reset() {
         let (out, _r) = output();
-        let input = Arc::new(HvcHost::new().unwrap());
+        let input = Arc::new(HvcInput::new().unwrap());
         let mut d = Hvc::new(out, input.clone());
         let big = vec![b'y'; MAX_INPUT + 100];
         assert_eq!(input.enqueue(&big), MAX_INPUT);
@@ -342,7 +277,7 @@ mod tests {
             .unwrap();
         let mut g = Guest::with_queues(&m, 2);
         let (out, _r) = output();
-        let mut d = Hvc::new(out, Arc::new(HvcHost::new().unwrap()));
+        let mut d = Hvc::new(out, Arc::new(HvcInput::new().unwrap()));
         let a = g.alloc((MAX_CHAIN + 1) as u32);
         g.add(TX, a, (MAX_CHAIN + 1) as u32, false);
         assert!(d.process_queue(TX, &mut g.ctx()).is_err());

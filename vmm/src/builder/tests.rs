@@ -296,7 +296,7 @@ fn the_virtio_console_takes_the_next_mmio_slot() {
     let out = devices::output::GuestOutput::sink();
     let serial = Arc::new(Mutex::new(new_serial(&irq, &irq, &out).unwrap()));
     let events = VcpuEvents::new().unwrap();
-    let hvc = Hvc::new(out, Arc::new(HvcHost::new().unwrap()));
+    let hvc = Hvc::new(out, Arc::new(HvcInput::new().unwrap()));
     let cfg = config(&["--agent", "unix:/nonexistent/a.sock", "--console", "virtio"]);
     let devices = add_devices(&mut dm, &mem, &serial, &irq, &events, Some(hvc), &cfg).unwrap();
     assert!(devices.agent_port.is_some() && devices.hvc_port.is_some());

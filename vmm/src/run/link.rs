@@ -161,7 +161,7 @@ impl RunLink {
         rt: &mut Runtime,
     ) -> bool {
         let port = rt.agent_port();
-        self.watch.follow(em, &port, &[], "run channel");
+        self.watch.follow(em, &port, None, "run channel");
         let Some((_, port)) = port else { return false };
         let mut moved = std::mem::take(&mut self.wake.borrow_mut().room);
         moved |= self.take_from_guest(&port);
