@@ -26,7 +26,12 @@ fn image(name: &str) -> String {
 const HANG_TIMEOUT: &str = "230";
 
 fn boot(kernel: &str, append: &str, extra: &[&str]) -> Vm {
-    let (k, i) = (image(kernel), image("initrd.img"));
+    boot_initrd(kernel, "initrd.img", append, extra)
+}
+
+/// [`boot`] with another initrd of the test images.
+fn boot_initrd(kernel: &str, initrd: &str, append: &str, extra: &[&str]) -> Vm {
+    let (k, i) = (image(kernel), image(initrd));
     let mut args = vec!["--kernel", &k, "--initrd", &i, "--append", append];
     if !extra.contains(&"--timeout") {
         args.extend_from_slice(&["--timeout", HANG_TIMEOUT]);
@@ -179,22 +184,9 @@ fn virtio_console_carries_the_kernel_log_and_a_shell() {
     // for the agent's port, so the VM has one.
     let (sock, _) = qmp_socket("rg-hvc");
     let agent = format!("unix:{}", sock.with_file_name("vm.qga").display());
-    let (k, i) = (image("vmlinuz"), image("agent-initrd.img"));
     let append = "console=hvc0 minivmm.action=shell";
-    let mut vm = Vm::spawn(&[
-        "--kernel",
-        &k,
-        "--initrd",
-        &i,
-        "--append",
-        append,
-        "--console",
-        "virtio",
-        "--agent",
-        &agent,
-        "--timeout",
-        HANG_TIMEOUT,
-    ]);
+    let extra = ["--console", "virtio", "--agent", &agent];
+    let mut vm = boot_initrd("vmlinuz", "agent-initrd.img", append, &extra);
     let b = vm.wait_banner(BOOT);
     assert_eq!(b.cmdline, append);
     vm.wait_line(BOOT, |l| l.contains("poweroff -f"));

@@ -1,11 +1,11 @@
 //! The real qemu-ga (Debian's, unmodified) in the cloud kernel's guest, reached
 //! through the agent socket and through QMP.
 
-use minivmm_tests::{chardev, images_dir, real_guest_available, Vm};
+use minivmm_tests::{chardev, images_dir, real_guest_available};
 
 use std::time::Duration;
 
-use super::{image, qmp_socket, BOOT};
+use super::{boot_initrd, qmp_socket, BOOT};
 
 /// A qga-protocol client on the agent socket.
 struct Agent {
@@ -111,15 +111,7 @@ fn real_qemu_ga_through_the_agent_socket_and_qmp() {
     let (qmp, q_spec) = qmp_socket("rg-agent");
     let qga = qmp.with_file_name("vm.qga");
     let a_spec = format!("unix:{}", qga.display());
-    let k = image("vmlinuz");
-    let i = initrd.display().to_string();
-    let mut vm = Vm::spawn(&[
-        "--kernel",
-        &k,
-        "--initrd",
-        &i,
-        "--append",
-        "console=ttyS0 quiet minivmm.action=wait",
+    let extra = [
         "--qmp",
         &q_spec,
         "--agent",
@@ -129,7 +121,12 @@ fn real_qemu_ga_through_the_agent_socket_and_qmp() {
         // that it arrives intact; its speed is the benchmark's business.
         "--agent-timeout",
         "120",
-    ]);
+        // The whole test, many steps of one VM: longer than one boot.
+        "--timeout",
+        "900",
+    ];
+    let append = "console=ttyS0 quiet minivmm.action=wait";
+    let mut vm = boot_initrd("vmlinuz", "agent-initrd.img", append, &extra);
     let mut q = Qmp::negotiated(&qmp);
     let banner = vm.wait_banner(BOOT);
     // qemu-ga opens the port.
