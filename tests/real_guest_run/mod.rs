@@ -13,6 +13,11 @@ use serde_json::Value;
 /// Safety bound for one run in a nested (TCG-emulated L1) VM.
 const RUN: Duration = Duration::from_secs(240);
 
+/// A run that hangs is stopped by minivmm's own `--timeout` a little before
+/// the test gives up ([`RUN`]), so the failure shows minivmm's diagnostics
+/// (kernel log, vcpus, virtio queues) instead of a silent kill.
+const HANG_TIMEOUT: &str = "220";
+
 fn base_args(k: &str, i: &str, m: &str) -> Vec<String> {
     ["run", "--kernel", k, "--initrd", i, "--modules", m]
         .iter()
@@ -30,6 +35,9 @@ fn run_cmd(extra: &[&str], cmd: &[&str]) -> Command {
         dir.join("modules").display().to_string(),
     );
     let mut args = base_args(&k, &i, &m);
+    if !extra.contains(&"--timeout") {
+        args.extend(["--timeout".to_string(), HANG_TIMEOUT.to_string()]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     args.push("--".into());
     args.extend(cmd.iter().map(|s| s.to_string()));

@@ -389,6 +389,21 @@ impl Vm {
         self.vcpus.resume();
     }
 
+    /// The virtio devices' queue states ([`devices::virtio::mmio::MmioTransport::queue_report`]), each
+    /// line prefixed with the device's name.
+    pub fn virtio_report(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(p) = &self.agent_port {
+            let t = p.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(t.queue_report().into_iter().map(|l| format!("channel {l}")));
+        }
+        if let Some(p) = &self.hvc_port {
+            let t = p.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(t.queue_report().into_iter().map(|l| format!("console {l}")));
+        }
+        out
+    }
+
     /// The guest-agent port, when the VM has one.
     pub fn agent_port(&self) -> Option<&AgentPort> {
         self.agent_port.as_ref()

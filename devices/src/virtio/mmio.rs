@@ -143,6 +143,37 @@ impl<D: VirtioDevice> MmioTransport<D> {
         )
     }
 
+    /// One line per queue the driver set up, and the interrupt status: where
+    /// the driver and the device are in each ring (for diagnosing a guest that
+    /// waits on a device, e.g. at a timeout).
+    pub fn queue_report(&self) -> Vec<String> {
+        use std::sync::atomic::Ordering;
+        let mut lines = vec![format!(
+            "status {:#x} active {} failed {} interrupt status {:#x}",
+            self.status,
+            self.active,
+            self.failed,
+            self.interrupt.status()
+        )];
+        for (i, q) in self.queues.iter().enumerate().filter(|(_, q)| q.ready()) {
+            let idx = |r: Result<std::num::Wrapping<u16>, _>| {
+                r.map_or_else(
+                    |_: virtio_queue::Error| "?".to_string(),
+                    |w| w.0.to_string(),
+                )
+            };
+            lines.push(format!(
+                "queue {i}: size {} driver avail {} device next_avail {} used {} (in memory {})",
+                q.size(),
+                idx(q.avail_idx(&self.mem, Ordering::Acquire)),
+                q.next_avail(),
+                q.next_used(),
+                idx(q.used_idx(&self.mem, Ordering::Acquire)),
+            ));
+        }
+        lines
+    }
+
     /// Queue `index` was notified.
     pub fn notify(&mut self, index: usize) {
         if index >= self.queues.len() {

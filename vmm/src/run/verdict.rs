@@ -96,8 +96,17 @@ pub fn ending(outcome: &Outcome, report: &RunReport) -> Ending {
             }
             None => Ending::new(Verdict::VmError, 125).say("the command's end was not reported"),
         },
-        Outcome::Timeout(s) => Ending::new(Verdict::Timeout, 124)
-            .say(format!("--timeout of {s} s expired; VM stopped")),
+        Outcome::Timeout(s) => {
+            let when = if never_started {
+                "before the guest's init reached the host (the kernel was still booting)"
+            } else if report.started_at.is_none() {
+                "before the command started"
+            } else {
+                "while the command ran"
+            };
+            Ending::new(Verdict::Timeout, 124)
+                .say(format!("--timeout of {s} s expired {when}; VM stopped"))
+        }
         Outcome::Panicked => Ending::new(Verdict::Panic, 125).say("the guest kernel panicked"),
         Outcome::DebugExit(v) => {
             let status = (devices::debug_exit::exit_status(*v) & 0xff) as i32;
@@ -227,6 +236,10 @@ mod tests {
             assert_eq!((e.verdict, e.status), (verdict, status), "{exit:?}");
         }
         let none = RunReport::default();
+        assert!(ending(&Outcome::Timeout(5), &none)
+            .message
+            .unwrap()
+            .contains("expired before the guest's init reached the host"));
         for (o, v, s) in [
             (Outcome::Timeout(5), Verdict::Timeout, 124),
             (Outcome::Panicked, Verdict::Panic, 125),
@@ -269,6 +282,10 @@ mod tests {
             regs: vec![("rip", 0xffff_ffff_8100_0000), ("rsp", 0x1000)],
         }];
         let e = ending(&Outcome::Timeout(5), &rep);
+        assert_eq!(
+            e.message.as_deref(),
+            Some("--timeout of 5 s expired while the command ran; VM stopped")
+        );
         let v = result_json(&e, &rep, t0, Instant::now());
         assert_eq!(
             v["diagnostics"]["vcpus"],

@@ -126,6 +126,9 @@ impl Runtime {
             Effect::Exit(outcome) => {
                 if let (Outcome::Timeout(_), Some(vm)) = (&outcome, &self.vm) {
                     self.timeout_registers = vm.vcpu_registers();
+                    for line in vm.virtio_report() {
+                        log::warn!("at the timeout: virtio {line}");
+                    }
                 }
                 self.outcome = Some(outcome);
             }
