@@ -51,7 +51,7 @@ def argv_minivmm(binary, images, qmp, agent):
         "--kernel", os.path.join(images, "vmlinuz"),
         "--initrd", os.path.join(images, "agent-initrd.img"),
         "--append", APPEND, "--memory", f"{MEMORY_MIB}M", "--cpus", "1",
-        "--serial", "stdio", "--console", "virtio",
+        "--serial", "stdio", "--console", "virtio", "--no-reboot",
         "--qmp", f"unix:{qmp}", "--agent", f"unix:{agent}",
     ]
 

@@ -23,6 +23,7 @@ pub mod port_watch;
 pub mod qmp_event;
 pub mod run;
 pub mod runtime;
+pub mod share;
 pub mod terminal;
 pub mod vcpu;
 pub mod vmm;
