@@ -57,6 +57,8 @@ fn help_documents_every_flag() {
         "--virtio-mmio-cmdline",
         "--no-shutdown",
         "--isa-debug-exit",
+        "--share",
+        "--virtiofsd",
         "--help",
         "--version",
         "Ctrl-A x",
@@ -80,6 +82,33 @@ fn missing_kernel_is_named() {
         &run(&["--kernel", "/nonexistent/vmlinuz"]),
         "/nonexistent/vmlinuz",
     );
+}
+
+#[test]
+fn bad_shares_are_one_clear_line_each() {
+    let file = temp_file("badshare", "file.txt", b"x");
+    let f = file.to_str().unwrap();
+    for (share, needle) in [
+        ("/nonexistent/dir:/mnt".to_string(), "/nonexistent/dir"),
+        (format!("{f}:/mnt"), "is not a directory"),
+        ("/tmp:mnt".to_string(), "must be absolute"),
+        ("/tmp".to_string(), "no guest path"),
+    ] {
+        let o = run(&["--kernel", "k", "--share", &share]);
+        assert_eq!(o.status.code(), Some(2), "{share}");
+        assert_error(&o, needle);
+    }
+    let dir = file.parent().unwrap().to_str().unwrap().to_string();
+    let kernel = good_kernel("badshare");
+    let o = run(&[
+        "--kernel",
+        &kernel,
+        "--share",
+        &format!("{dir}:/mnt"),
+        "--virtiofsd",
+        f,
+    ]);
+    assert_error(&o, "not an executable file");
 }
 
 #[test]

@@ -277,7 +277,7 @@ mod tests {
 
     #[test]
     fn tables_in_memory_chain_from_rsdp() {
-        let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
+        let mem = crate::memory::create_guest_memory(64 << 20, false).unwrap();
         let rsdp = write_tables(&mem, 2, &[&devices::serial::SerialAml]).unwrap();
         assert_eq!(rsdp.0, ACPI_START);
         let mut r = [0u8; 36];
@@ -319,7 +319,7 @@ mod tests {
                 sink.vec(&vec![0u8; 200 * 1024]);
             }
         }
-        let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
+        let mem = crate::memory::create_guest_memory(64 << 20, false).unwrap();
         assert!(matches!(
             write_tables(&mem, 1, &[&Big]),
             Err(AcpiError::TooLarge(_))

@@ -354,7 +354,7 @@ mod tests {
             u16::from_le_bytes([code[3], code[4]]),
             devices::acpi_pm::RESET_PORT
         );
-        let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
+        let mem = crate::memory::create_guest_memory(64 << 20, false).unwrap();
         write_reset_vector(&mem).unwrap();
         let mut b = [0u8; 9];
         mem.read_slice(&mut b, GuestAddress(RESET_VECTOR)).unwrap();
@@ -482,7 +482,7 @@ mod tests {
 
     #[test]
     fn cmdline_too_long_is_an_error() {
-        let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
+        let mem = crate::memory::create_guest_memory(64 << 20, false).unwrap();
         let long = "x".repeat(CMDLINE_MAX_SIZE + 10);
         assert!(matches!(
             load_cmdline(&mem, &long, &elf_kernel()),
@@ -504,7 +504,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("notakernel");
         std::fs::write(&p, b"hello").unwrap();
-        let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
+        let mem = crate::memory::create_guest_memory(64 << 20, false).unwrap();
         let e = load_kernel(&mem, &p).unwrap_err();
         assert!(matches!(e, BootError::NotAKernel(_)));
         assert!(e.to_string().contains("notakernel"));

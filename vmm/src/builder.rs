@@ -128,6 +128,9 @@ pub enum BuildError {
     /// The vcpu threads could not be started.
     #[error(transparent)]
     Vcpus(#[from] VcpuError),
+    /// A `--share` could not be served.
+    #[error(transparent)]
+    Share(#[from] crate::share::ShareError),
 }
 
 /// What to tell the user when the KVM device at `path` cannot be opened.
@@ -238,6 +241,8 @@ pub struct Persistent {
     pub serial_tail: Option<Arc<Mutex<LineTail>>>,
     /// With `--console virtio`: input held for hvc0, across rebuilds.
     pub hvc_input: Option<Arc<HvcInput>>,
+    /// With `--share`: the virtiofsd each build starts, one per share.
+    share_daemon: Option<crate::share::Daemon>,
 }
 
 impl Persistent {
@@ -270,7 +275,13 @@ impl Persistent {
             ConsoleKind::Serial => None,
             ConsoleKind::Virtio => Some(Arc::new(HvcInput::new().map_err(BuildError::EventFd)?)),
         };
+        let share_daemon = if cfg.shares.is_empty() {
+            None
+        } else {
+            Some(crate::share::Daemon::resolve(cfg.virtiofsd.as_deref())?)
+        };
         Ok(Self {
+            share_daemon,
             kvm,
             cpuid,
             events: Arc::new(VcpuEvents::new().map_err(BuildError::EventFd)?),
@@ -340,6 +351,8 @@ pub struct Vm {
     vcpus: Vcpus,
     agent_port: Option<AgentPort>,
     hvc_port: Option<HvcPort>,
+    /// The `--share` devices; their daemons stop when the VM goes.
+    _fs_ports: Vec<crate::share::FsPort>,
     vm_fd: VmFd,
     _memory: GuestMemoryMmap,
     power_button: PowerButton,
@@ -550,7 +563,8 @@ fn kernel_cmdline(user: &str, with_devices: bool, device_entries: &[String]) -> 
 /// Builds the VM described by `cfg` and starts its vcpus, parked if `paused`.
 pub fn build_vm(cfg: &VmConfig, b: &Persistent, paused: bool) -> Result<Vm, BuildError> {
     let vm = create_vm(&b.kvm)?;
-    let mem = memory::create_guest_memory(cfg.memory)?;
+    // Shared (a memfd) when a virtiofsd must map it.
+    let mem = memory::create_guest_memory(cfg.memory, !cfg.shares.is_empty())?;
     register_memory(&vm, &mem)?;
 
     let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
@@ -566,6 +580,12 @@ pub fn build_vm(cfg: &VmConfig, b: &Persistent, paused: bool) -> Result<Vm, Buil
         .as_ref()
         .map(|input| Hvc::new(b.serial_out.clone(), input.clone()));
     let devices = add_devices(&mut dm, &mem, &b.serial, &b.serial_irq, &b.events, hvc, cfg)?;
+    let mut fs_ports = Vec::new();
+    if let Some(d) = &b.share_daemon {
+        for fs in crate::share::start_shares(&cfg.shares, d)? {
+            fs_ports.push(dm.register_mmio_device(fs, &mem)?);
+        }
+    }
 
     let cmdline = kernel_cmdline(&cfg.cmdline, cfg.virtio_mmio_cmdline, dm.cmdline_entries());
     let cmdline_len = boot::load_cmdline(&mem, &cmdline, &kernel)?;
@@ -598,6 +618,7 @@ pub fn build_vm(cfg: &VmConfig, b: &Persistent, paused: bool) -> Result<Vm, Buil
         vcpus,
         agent_port: devices.agent_port,
         hvc_port: devices.hvc_port,
+        _fs_ports: fs_ports,
         vm_fd: vm,
         _memory: mem,
         power_button: devices.power_button,

@@ -145,6 +145,20 @@ pub struct Cli {
     /// test images written for QEMU work unchanged.
     #[arg(long)]
     pub isa_debug_exit: bool,
+
+    /// Share host directory HOSTDIR with the guest over virtio-fs (repeatable);
+    /// `:ro` makes it read-only (the host refuses writes). The N-th --share
+    /// (from 0) has the tag shareN: in the guest, `mount -t virtiofs share0
+    /// /mnt`. Each share is served by its own virtiofsd, which minivmm starts
+    /// and stops; guest RAM becomes a shared memfd so the daemon can map it.
+    #[arg(long, value_name = "HOSTDIR:GUESTPATH[:ro]")]
+    pub share: Vec<crate::share::ShareSpec>,
+
+    /// The virtiofsd to run for --share (default: the first of
+    /// /usr/libexec/virtiofsd, /usr/lib/qemu/virtiofsd, /usr/lib/virtiofsd;
+    /// Debian 12 has it in the qemu-system-common package).
+    #[arg(long, value_name = "PATH", requires = "share")]
+    pub virtiofsd: Option<PathBuf>,
 }
 
 /// Parses "512M", "1G", "4096" (bytes), "64k".
@@ -257,6 +271,8 @@ impl From<Cli> for VmConfig {
             agent_timeout: c.agent_timeout,
             virtio_mmio_cmdline: c.virtio_mmio_cmdline,
             isa_debug_exit: c.isa_debug_exit,
+            shares: c.share,
+            virtiofsd: c.virtiofsd,
             run_channel: false,
         }
     }

@@ -46,6 +46,10 @@ pub struct VmConfig {
     pub virtio_mmio_cmdline: bool,
     /// QEMU's isa-debug-exit at port 0xf4.
     pub isa_debug_exit: bool,
+    /// Host directories shared over virtio-fs (`--share`), tags `share0`...
+    pub shares: Vec<crate::share::ShareSpec>,
+    /// The virtiofsd to run for them (`--virtiofsd`); found if not given.
+    pub virtiofsd: Option<PathBuf>,
     /// `minivmm run`: the virtio-console port is the run channel
     /// ([`run_protocol::PORT_NAME`]) instead of the guest agent's.
     pub run_channel: bool,

@@ -462,7 +462,7 @@ mod tests {
 
     #[test]
     fn page_tables_identity_map_first_gib() {
-        let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
+        let mem = crate::memory::create_guest_memory(64 << 20, false).unwrap();
         write_boot_structures(&mem).unwrap();
         let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
         assert_eq!(pml4 & !0xfff, PDPTE_START);

@@ -275,7 +275,7 @@ mod tests {
 
     #[test]
     fn it_is_written_where_linux_scans_and_fits_for_254_cpus() {
-        let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
+        let mem = crate::memory::create_guest_memory(64 << 20, false).unwrap();
         write(&mem, 254).unwrap();
         let mut f = [0u8; 16];
         mem.read_slice(&mut f, GuestAddress(MPTABLE_START)).unwrap();

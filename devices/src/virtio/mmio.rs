@@ -12,7 +12,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Interrupt, QueueContext, VirtioDevice, INT_CONFIG};
+use super::{Interrupt, QueueContext, VirtioDevice, INT_CONFIG, INT_VRING};
 use crate::bus::BusDevice;
 
 /// Size of one device's register window.
@@ -45,7 +45,7 @@ pub struct MmioTransport<D: VirtioDevice> {
 
 impl<D: VirtioDevice> MmioTransport<D> {
     /// A transport for `device` over `mem`, interrupting through `irqfd`.
-    pub fn new(device: D, mem: GuestMemoryMmap, irqfd: EventFd) -> std::io::Result<Self> {
+    pub fn new(mut device: D, mem: GuestMemoryMmap, irqfd: EventFd) -> std::io::Result<Self> {
         let queues = device
             .queue_max_sizes()
             .iter()
@@ -54,6 +54,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let queue_evts = (0..queues.len())
             .map(|_| EventFd::new(libc_efd_nonblock()))
             .collect::<Result<Vec<_>, _>>()?;
+        device.attach_eventfds(&queue_evts, &irqfd);
         Ok(Self {
             device,
             mem,
@@ -273,6 +274,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             },
             VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
             VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
+            VIRTIO_MMIO_INTERRUPT_STATUS if self.device.interrupts_bypass() => {
+                self.interrupt.status() | INT_VRING
+            }
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
             VIRTIO_MMIO_STATUS => self.status,
             VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,

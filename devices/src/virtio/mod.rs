@@ -8,6 +8,7 @@
 //! irqfd. The device sits behind one mutex shared by both sides.
 
 pub mod console;
+pub mod fs;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod hvc;
@@ -96,6 +97,16 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, ctx: &mut QueueContext) -> Result<(), DeviceFailure>;
     /// Device reset (status 0): forget everything negotiated.
     fn reset(&mut self);
+    /// Called once by the transport with the eventfds KVM signals when the
+    /// guest notifies each queue, and the interrupt's irqfd. A device whose
+    /// queues another process serves (vhost-user) hands them to it; others
+    /// keep nothing.
+    fn attach_eventfds(&mut self, _queue_evts: &[EventFd], _irqfd: &EventFd) {}
+    /// Whether another process raises the interrupt itself through the irqfd:
+    /// the interrupt status then always reads "used ring".
+    fn interrupts_bypass(&self) -> bool {
+        false
+    }
 }
 
 /// Reads the readable part of the next chain on `q`; returns (head, bytes), or None

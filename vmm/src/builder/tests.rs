@@ -141,7 +141,7 @@ fn error_chains_say_each_thing_once() {
 
 #[test]
 fn real_errors_chain_cleanly() {
-    let mem = memory::create_guest_memory(64 << 20).unwrap();
+    let mem = memory::create_guest_memory(64 << 20, false).unwrap();
     let kernel = boot::LoadedKernel {
         entry: GuestAddress(0x100_0000),
         end: 0x200_0000,
@@ -210,7 +210,7 @@ fn aml_bytes(nodes: &[&dyn Aml]) -> Vec<u8> {
 fn platform_devices_keep_their_guest_visible_layout() {
     let vm = Recorder::default();
     let mut dm = DeviceManager::new(&vm);
-    let mem = memory::create_guest_memory(64 << 20).unwrap();
+    let mem = memory::create_guest_memory(64 << 20, false).unwrap();
     let serial_irq = new_eventfd().unwrap();
     let serial = Arc::new(Mutex::new(
         new_serial(
@@ -266,7 +266,7 @@ fn platform_devices_keep_their_guest_visible_layout() {
 fn without_the_agent_there_is_no_mmio_device() {
     let vm = Recorder::default();
     let mut dm = DeviceManager::new(&vm);
-    let mem = memory::create_guest_memory(64 << 20).unwrap();
+    let mem = memory::create_guest_memory(64 << 20, false).unwrap();
     let irq = new_eventfd().unwrap();
     let serial = Arc::new(Mutex::new(
         new_serial(&irq, &irq, &devices::output::GuestOutput::sink()).unwrap(),
@@ -291,7 +291,7 @@ fn without_the_agent_there_is_no_mmio_device() {
 fn the_virtio_console_takes_the_next_mmio_slot() {
     let vm = Recorder::default();
     let mut dm = DeviceManager::new(&vm);
-    let mem = memory::create_guest_memory(64 << 20).unwrap();
+    let mem = memory::create_guest_memory(64 << 20, false).unwrap();
     let irq = new_eventfd().unwrap();
     let out = devices::output::GuestOutput::sink();
     let serial = Arc::new(Mutex::new(new_serial(&irq, &irq, &out).unwrap()));

@@ -181,6 +181,8 @@ fn prepare(cli: &RunCli) -> Result<(VmConfig, OwnedFd), RunError> {
         agent_timeout: 30,
         virtio_mmio_cmdline: false,
         isa_debug_exit: cli.isa_debug_exit,
+        shares: Vec::new(),
+        virtiofsd: None,
         run_channel: true,
     };
     Ok((cfg, fd))

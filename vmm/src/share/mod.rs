@@ -12,6 +12,8 @@
 pub mod daemon;
 
 use std::path::{Path, PathBuf};
+
+use devices::virtio::fs::VhostUserFs;
 use std::str::FromStr;
 
 /// Where virtiofsd is looked for when `--virtiofsd` is not given, in order.
@@ -113,5 +115,116 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// A share's virtio-fs device behind its virtio-mmio transport.
+pub type FsPort =
+    std::sync::Arc<std::sync::Mutex<devices::virtio::mmio::MmioTransport<VhostUserFs>>>;
+
+/// The virtiofsd to start for each share, resolved once.
+#[derive(Debug, Clone)]
+pub struct Daemon {
+    /// The executable.
+    pub bin: PathBuf,
+    /// Its command-line dialect.
+    pub flavor: daemon::Flavor,
+}
+
+/// Setting up shares failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    /// No virtiofsd.
+    #[error(transparent)]
+    Find(#[from] FindError),
+    /// Its `--help` could not be run.
+    #[error("cannot run {bin} --help")]
+    Probe {
+        /// The daemon.
+        bin: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A daemon did not start.
+    #[error(transparent)]
+    Daemon(#[from] daemon::DaemonError),
+    /// A daemon started but refused the vhost-user setup.
+    #[error("{tag}: virtiofsd refused the connection ({cause}); {detail}")]
+    Backend {
+        /// The share's tag.
+        tag: String,
+        /// The failed request.
+        cause: String,
+        /// How the daemon ended and its last output.
+        detail: String,
+    },
+}
+
+impl Daemon {
+    /// The daemon for `--virtiofsd` (or the one found) and its dialect.
+    pub fn resolve(explicit: Option<&Path>) -> Result<Daemon, ShareError> {
+        let bin = find_virtiofsd(explicit)?;
+        let flavor = daemon::Flavor::detect(&bin).map_err(|source| ShareError::Probe {
+            bin: bin.clone(),
+            source,
+        })?;
+        Ok(Daemon { bin, flavor })
+    }
+}
+
+/// Starts a daemon for each share and connects a virtio-fs device (tag
+/// `shareN`) to it; each daemon lives as long as its device.
+pub fn start_shares(shares: &[ShareSpec], d: &Daemon) -> Result<Vec<VhostUserFs>, ShareError> {
+    let mut devs = Vec::with_capacity(shares.len());
+    for (i, spec) in shares.iter().enumerate() {
+        let tag = ShareSpec::tag(i);
+        let mut daemon = daemon::Virtiofsd::start(&d.bin, d.flavor, spec, &tag)?;
+        let Some(stream) = daemon.take_stream() else {
+            unreachable!("a started daemon has its stream");
+        };
+        match VhostUserFs::new(&tag, stream) {
+            Ok(fs) => {
+                log::info!(
+                    "{tag}: {} served by virtiofsd (pid {}){}",
+                    spec.host.display(),
+                    daemon.pid(),
+                    if spec.read_only { ", read-only" } else { "" }
+                );
+                devs.push(fs.keep_alive(Box::new(daemon)));
+            }
+            Err(e) => {
+                return Err(ShareError::Backend {
+                    tag,
+                    cause: e.to_string(),
+                    detail: daemon.exit_output(),
+                })
+            }
+        }
+    }
+    Ok(devs)
+}
+
+/// The virtiofsd of this machine, when the tests may start it (root: it
+/// sandboxes itself with namespaces). In CI it must be there.
+#[cfg(test)]
+pub(crate) fn test_virtiofsd(test: &str) -> Option<PathBuf> {
+    // SAFETY: getuid has no preconditions.
+    let root = unsafe { libc::getuid() } == 0;
+    match find_virtiofsd(None) {
+        Ok(p) if root => Some(p),
+        found => {
+            let why = match found {
+                Ok(_) => "not root".to_string(),
+                Err(e) => e.to_string(),
+            };
+            if minivmm_tests::must_run_everything() {
+                panic!("{test}: cannot run virtiofsd: {why}");
+            }
+            minivmm_tests::loud(&format!("*** SKIPPED {test}: {why}"));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod fs_tests;
 #[cfg(test)]
 mod tests;

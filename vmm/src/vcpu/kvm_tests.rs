@@ -68,7 +68,7 @@ fn test_vm(kvm: &Kvm, cpus: u8, code: &[u8]) -> TestVm {
     let vm = kvm.create_vm().expect("KVM_CREATE_VM");
     vm.set_tss_address(KVM_TSS_ADDR).expect("KVM_SET_TSS_ADDR");
     vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
-    let mem = memory::create_guest_memory(16 << 20).expect("guest memory");
+    let mem = memory::create_guest_memory(16 << 20, false).expect("guest memory");
     builder::register_memory(&vm, &mem).expect("memory slots");
     cpu::write_boot_structures(&mem).expect("page tables");
     mem.write_slice(code, GuestAddress(ENTRY)).expect("code");

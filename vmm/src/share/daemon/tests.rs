@@ -1,28 +1,8 @@
 use super::*;
-use crate::share::find_virtiofsd;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
 
-/// The virtiofsd of this machine, when the tests may start it (root: it
-/// sandboxes itself with namespaces). In CI it must be there.
-fn virtiofsd(test: &str) -> Option<PathBuf> {
-    // SAFETY: getuid has no preconditions.
-    let root = unsafe { libc::getuid() } == 0;
-    match find_virtiofsd(None) {
-        Ok(p) if root => Some(p),
-        found => {
-            let why = match found {
-                Ok(_) => "not root".to_string(),
-                Err(e) => e.to_string(),
-            };
-            if minivmm_tests::must_run_everything() {
-                panic!("{test}: cannot run virtiofsd: {why}");
-            }
-            minivmm_tests::loud(&format!("*** SKIPPED {test}: {why}"));
-            None
-        }
-    }
-}
+use crate::share::test_virtiofsd as virtiofsd;
 
 fn share(dir: &Path, read_only: bool) -> ShareSpec {
     ShareSpec {
