@@ -41,8 +41,9 @@ GUEST_MODULES=(evdev button pvpanic pvpanic-mmio)
 # Extra modules loaded (after GUEST_MODULES) by the agent image's /init:
 # virtio-mmio transport (devices enumerated from ACPI DSDT LNRO0005 nodes;
 # the cloud kernel has no CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and
-# virtio_console (virtio-serial ports, /dev/vportNpM).
-AGENT_MODULES=(virtio_ring virtio virtio_mmio virtio_console)
+# virtio_console (virtio-serial ports, /dev/vportNpM), and fuse + virtiofs
+# (`--share`: mount -t virtiofs shareN DIR).
+AGENT_MODULES=(virtio_ring virtio virtio_mmio virtio_console fuse virtiofs)
 
 # Packages unpacked for the agent image: qemu-guest-agent (/usr/sbin/qemu-ga)
 # and the packages holding its shared-library closure (NEEDED entries of

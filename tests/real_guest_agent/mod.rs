@@ -8,13 +8,13 @@ use std::time::Duration;
 use super::{boot_initrd, qmp_socket, BOOT};
 
 /// A qga-protocol client on the agent socket.
-struct Agent {
+pub(crate) struct Agent {
     w: std::os::unix::net::UnixStream,
     r: std::io::BufReader<std::os::unix::net::UnixStream>,
 }
 
 impl Agent {
-    fn connect(path: &std::path::Path) -> Agent {
+    pub(crate) fn connect(path: &std::path::Path) -> Agent {
         let s = std::os::unix::net::UnixStream::connect(path).unwrap();
         s.set_read_timeout(Some(BOOT)).unwrap();
         Agent {
@@ -44,7 +44,7 @@ impl Agent {
             .unwrap_or_else(|e| panic!("bad reply {:?}: {e}", String::from_utf8_lossy(&l)))
     }
 
-    fn cmd(&mut self, s: &str) -> serde_json::Value {
+    pub(crate) fn cmd(&mut self, s: &str) -> serde_json::Value {
         self.send(format!("{s}\n").as_bytes());
         self.line()
     }
@@ -68,7 +68,7 @@ fn b64(data: &[u8]) -> String {
     out
 }
 
-fn unb64(s: &str) -> Vec<u8> {
+pub(crate) fn unb64(s: &str) -> Vec<u8> {
     let val = |c: u8| match c {
         b'A'..=b'Z' => c - b'A',
         b'a'..=b'z' => c - b'a' + 26,

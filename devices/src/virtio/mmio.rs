@@ -23,6 +23,13 @@ pub const MMIO_WINDOW: u64 = 0x1000;
 pub const QUEUE_NOTIFY_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 /// VIRTIO_F_VERSION_1.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Shared memory region registers (virtio 1.2, 4.2.2): SHMLenLow/High,
+/// SHMBaseLow/High. No device here has a region; per the spec a region that
+/// does not exist reads as length -1 (Linux's virtio-fs otherwise takes it for
+/// a DAX window at 0 and fails the probe).
+const SHM_LEN_BASE_REGS: std::ops::RangeInclusive<u32> = 0x0b0..=0x0bc;
+/// SHMSel: which region SHMLen/SHMBase describe.
+const SHM_SEL: u32 = 0x0ac;
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VENDOR: u32 = 0x4d56_4d4d; // "MMVM"
 
@@ -280,6 +287,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
             VIRTIO_MMIO_STATUS => self.status,
             VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            o if SHM_LEN_BASE_REGS.contains(&o) => u32::MAX,
             _ => {
                 log::debug!("virtio-mmio: read of register {offset:#x}");
                 0
@@ -357,6 +365,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(v),
             VIRTIO_MMIO_STATUS => self.set_status(v),
+            SHM_SEL => {} // every region reads as absent
             _ => log::debug!("virtio-mmio: ignored write {v:#x} to register {offset:#x}"),
         }
     }
@@ -647,5 +656,14 @@ mod tests {
             cmdline_device(0xd000_0000, 10),
             "virtio_mmio.device=4K@0xd0000000:10"
         );
+    }
+
+    #[test]
+    fn no_shared_memory_region_exists() {
+        let (mut t, _irq) = transport();
+        w(&mut t, SHM_SEL, 0);
+        for reg in [0x0b0, 0x0b4, 0x0b8, 0x0bc] {
+            assert_eq!(r(&mut t, reg), u32::MAX, "register {reg:#x}");
+        }
     }
 }
