@@ -233,6 +233,8 @@ pub struct AgentProxy {
     max_reply: usize,
     last_sync_id: i64,
     clock: Clock,
+    /// Requests that ran out of time in flight (the agent was answering none).
+    timeouts: u64,
 }
 
 /// Where the proxy reads the time: the monotonic clock, or (for the property
@@ -304,7 +306,14 @@ impl AgentProxy {
             max_reply: MAX_REPLY,
             last_sync_id: 0,
             clock: Clock::System,
+            timeouts: 0,
         })
+    }
+
+    /// How many requests ran out of time while the agent had them: the
+    /// caller can log what the channel looked like then.
+    pub fn timeouts(&self) -> u64 {
+        self.timeouts
     }
 
     /// Changes the largest reply accepted from the agent (default [`MAX_REPLY`]).

@@ -252,6 +252,7 @@ impl AgentProxy {
         {
             if let Some(f) = self.in_flight.take() {
                 log::warn!("the guest agent did not answer within {what} s: resynchronising");
+                self.timeouts += 1;
                 self.complete(f.req, Err(AgentError::generic(&desc)));
                 self.resync();
             }

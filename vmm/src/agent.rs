@@ -78,6 +78,8 @@ pub struct AgentLink {
     open: bool,
     /// `VSERPORT_CHANGE` rate limit.
     port_events: Throttle,
+    /// The proxy's request timeouts already reported.
+    timeouts_seen: u64,
 }
 
 impl AgentLink {
@@ -93,6 +95,7 @@ impl AgentLink {
             watch: Default::default(),
             open: false,
             port_events: Throttle::new(PORT_EVENT_PERIOD),
+            timeouts_seen: 0,
         }
     }
 
@@ -123,6 +126,16 @@ impl AgentLink {
         }
         if let Some((_, p)) = &port {
             let proxy = &mut self.proxy.borrow_mut();
+            if proxy.timeouts() != self.timeouts_seen {
+                // Where the channel stood when the agent ran out of time: a
+                // guest still writing, a device not taking its buffers, or
+                // an agent that never answered.
+                self.timeouts_seen = proxy.timeouts();
+                let t = p.lock().unwrap_or_else(|e| e.into_inner());
+                for line in t.queue_report() {
+                    log::warn!("agent port at the timeout: {line}");
+                }
+            }
             moved |= exchange(p, proxy, &mut self.open, &mut self.port_events, rt);
         }
         if let Some(ev) = self.port_events.due(Instant::now()) {

@@ -107,6 +107,7 @@ pub struct Cli {
     /// Serve QMP (the QEMU Machine Protocol) on "unix:PATH" or "tcp:HOST:PORT";
     /// repeatable, many clients per endpoint. QMP has no authentication: a Unix
     /// socket is created owner-only; TCP listens on exactly the address given.
+    /// QEMU's ",server,nowait" suffix is accepted (it is what minivmm does).
     #[arg(long, value_name = "ENDPOINT")]
     pub qmp: Vec<Endpoint>,
 
@@ -225,6 +226,7 @@ pub fn parse_timeout(s: &str) -> Result<u64, String> {
 }
 
 fn parse_agent(s: &str) -> Result<PathBuf, String> {
+    let s = &qmp::server::strip_qemu_options(s)?;
     match s.strip_prefix("unix:") {
         Some(p) if !p.is_empty() => Ok(PathBuf::from(p)),
         _ => Err(format!("'{s}': expected unix:PATH, e.g. unix:/tmp/vm.qga")),
@@ -437,6 +439,9 @@ mod tests {
         assert_eq!(c.agent_timeout, 30);
         assert!(!c.virtio_mmio_cmdline);
         assert!(parse(&["--kernel", "k", "--agent", "/tmp/vm.qga"]).is_err());
+        // QEMU's chardev habit: `,server,nowait` is the only behaviour anyway.
+        let c = parse(&["--kernel", "k", "--agent", "unix:/tmp/q,server,nowait"]).unwrap();
+        assert_eq!(c.agent, Some(PathBuf::from("/tmp/q")));
         assert!(parse(&["--kernel", "k", "--agent-timeout", "0"]).is_err());
         for huge in [
             "4294967296",

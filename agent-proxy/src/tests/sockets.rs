@@ -195,6 +195,11 @@ fn timeout_errors_then_resyncs() {
         )]
     );
     assert!(!h.proxy.borrow().is_synced(), "resync after the timeout");
+    assert_eq!(
+        h.proxy.borrow().timeouts(),
+        1,
+        "the in-flight timeout is counted"
+    );
     // The client's request, queued behind it since the same moment, timed out
     // with it: the timeout runs from submission, not from being sent (its
     // deadline is a moment later: one more round).

@@ -361,6 +361,17 @@ impl VirtioDevice for Console {
         }
     }
 
+    fn report(&self) -> Option<String> {
+        Some(format!(
+            "port open by the guest {}, {} bytes from the guest not yet taken (transmit stalled {}), {} bytes and {} control messages waiting for the guest",
+            self.guest_open,
+            self.from_guest.len(),
+            self.tx_stalled,
+            self.to_guest.len(),
+            self.control_out.len()
+        ))
+    }
+
     fn reset(&mut self) {
         let name = std::mem::take(&mut self.name);
         let was_open = self.guest_open;

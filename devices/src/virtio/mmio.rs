@@ -163,6 +163,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.failed,
             self.interrupt.status()
         )];
+        lines.extend(self.device.report());
         for (i, q) in self.queues.iter().enumerate().filter(|(_, q)| q.ready()) {
             let idx = |r: Result<std::num::Wrapping<u16>, _>| {
                 r.map_or_else(

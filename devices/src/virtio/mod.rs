@@ -102,6 +102,11 @@ pub trait VirtioDevice: Send {
     /// queues another process serves (vhost-user) hands them to it; others
     /// keep nothing.
     fn attach_eventfds(&mut self, _queue_evts: &[EventFd], _irqfd: &EventFd) {}
+    /// The device's own state in one line, for diagnosing a guest that waits
+    /// on it (see [`mmio::MmioTransport::queue_report`]).
+    fn report(&self) -> Option<String> {
+        None
+    }
     /// Whether another process raises the interrupt itself through the irqfd:
     /// the interrupt status then always reads "used ring".
     fn interrupts_bypass(&self) -> bool {

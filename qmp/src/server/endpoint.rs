@@ -13,9 +13,53 @@ pub enum Endpoint {
     Tcp(String),
 }
 
+/// Splits QEMU's chardev options off an address: `unix:/tmp/q,server,nowait`
+/// (what `-qmp` users type) is `unix:/tmp/q`. The server side is the only
+/// one there is, and it never waits for a client, so `server`, `server=on`,
+/// `nowait` and `wait=off` are accepted and change nothing; any other option
+/// is an error that says so. A comma inside a path is written `,,`, as in QEMU.
+pub fn strip_qemu_options(s: &str) -> Result<String, String> {
+    let mut addr = String::new();
+    let mut rest = s;
+    loop {
+        match rest.find(',') {
+            Some(i) if rest[i + 1..].starts_with(',') => {
+                addr.push_str(&rest[..=i]);
+                rest = &rest[i + 2..];
+            }
+            Some(i) => {
+                addr.push_str(&rest[..i]);
+                rest = &rest[i + 1..];
+                break;
+            }
+            None => {
+                addr.push_str(rest);
+                return Ok(addr);
+            }
+        }
+    }
+    for opt in rest.split(',') {
+        match opt {
+            "server" | "server=on" | "nowait" | "wait=off" => {}
+            "server=off" | "wait" | "wait=on" => {
+                return Err(format!(
+                    "'{s}': '{opt}' is not supported: minivmm always listens and never waits for a client"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "'{s}': unknown option '{opt}' (accepted, for QEMU habits: server, nowait)"
+                ))
+            }
+        }
+    }
+    Ok(addr)
+}
+
 impl FromStr for Endpoint {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        let s = &strip_qemu_options(s)?;
         if let Some(p) = s.strip_prefix("unix:") {
             if p.is_empty() {
                 return Err("unix: needs a socket path, e.g. unix:/tmp/vm.qmp".into());
@@ -99,7 +143,30 @@ mod tests {
             "tcp:[::1]:4444".parse::<Endpoint>(),
             Ok(Endpoint::Tcp("[::1]:4444".into()))
         );
-        for bad in ["unix:", "tcp:4444", "tcp:host:x", "/tmp/x", "tcp::1"] {
+        // QEMU's `-qmp unix:PATH,server,nowait` habit; `,,` is a comma.
+        for (spec, path) in [
+            ("unix:/tmp/q,server,nowait", "/tmp/q"),
+            ("unix:/tmp/q,server=on,wait=off", "/tmp/q"),
+            ("unix:/tmp/a,,b", "/tmp/a,b"),
+        ] {
+            assert_eq!(spec.parse::<Endpoint>(), Ok(Endpoint::Unix(path.into())));
+        }
+        assert_eq!(
+            "tcp:127.0.0.1:4444,server,nowait".parse::<Endpoint>(),
+            Ok(Endpoint::Tcp("127.0.0.1:4444".into()))
+        );
+        let e = "unix:/tmp/q,server,wait".parse::<Endpoint>().unwrap_err();
+        assert!(e.contains("never waits"), "{e}");
+        let e = "unix:/tmp/q,telnet".parse::<Endpoint>().unwrap_err();
+        assert!(e.contains("unknown option 'telnet'"), "{e}");
+        for bad in [
+            "unix:",
+            "tcp:4444",
+            "tcp:host:x",
+            "/tmp/x",
+            "tcp::1",
+            "unix:,server",
+        ] {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
         }
         assert_eq!(

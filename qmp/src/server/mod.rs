@@ -29,7 +29,7 @@ mod tests;
 
 pub use crate::protocol::QmpError;
 pub use dispatch::{Handler, Reply};
-pub use endpoint::{ChardevInfo, Endpoint, ServerError};
+pub use endpoint::{strip_qemu_options, ChardevInfo, Endpoint, ServerError};
 
 /// Output a client may leave unread before it is disconnected.
 pub const MAX_PENDING_OUTPUT: usize = 8 << 20;

@@ -196,6 +196,13 @@ fn a_host_not_reading_stalls_the_guest_without_losing_bytes() {
         c.tx_stalled(),
         "past the bound the device stops taking buffers"
     );
+    let report = c.report().unwrap();
+    assert!(
+        report.contains(&format!(
+            "{MAX_PENDING_FROM_GUEST} bytes from the guest not yet taken (transmit stalled true)"
+        )),
+        "{report}"
+    );
     let first = g.used(TX1).len();
     assert_eq!(
         first,
