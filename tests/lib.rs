@@ -463,6 +463,30 @@ pub fn spin_guest(test: &str) -> String {
     tiny_guest(test, &[&code_print(b"boot\n"), &CODE_SPIN])
 }
 
+/// virtiofsd processes whose command line names `dir` (a share's daemon;
+/// the C one forks into its sandbox, so two processes): "PID CMDLINE" each.
+pub fn virtiofsd_serving(dir: &Path) -> Vec<String> {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != "virtiofsd" {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if cmdline.windows(needle.len()).any(|w| w == needle) {
+            let pid = e.file_name().to_string_lossy().into_owned();
+            found.push(format!(
+                "{pid} {}",
+                String::from_utf8_lossy(&cmdline).replace('\0', " ")
+            ));
+        }
+    }
+    found
+}
+
 /// Writes `bytes` to a fresh file in a per-test temporary directory.
 pub fn temp_file(test: &str, name: &str, bytes: &[u8]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("minivmm-test-{}-{test}", std::process::id()));

@@ -364,3 +364,7 @@ mod agent;
 /// `minivmm run` (same binary, so one nested boot of L1 runs them all).
 #[path = "real_guest_run/mod.rs"]
 mod run;
+
+/// `--share` in a plain VM.
+#[path = "real_guest_share/mod.rs"]
+mod share;

@@ -1,5 +1,6 @@
 //! Starting the command: looked up in `PATH` like `execvp` does, stdin,
-//! stdout and stderr on pipes, its own session, in `/`.
+//! stdout and stderr on pipes, its own session, in its [`Place`] (by default
+//! `/` of the initramfs).
 //!
 //! Whether `execve` worked is known for sure: the child writes why it failed
 //! to a close-on-exec pipe, which a successful `execve` closes empty. So a
@@ -20,6 +21,25 @@ pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
 
 /// The command's whole environment (with `PATH=`).
 const ENV: [&str; 2] = ["HOME=/root", "TERM=linux"];
+
+/// Where the command runs: its root directory (chroot'ed into, when not the
+/// init's own) and its working directory inside it.
+#[derive(Debug, Clone, Copy)]
+pub struct Place<'a> {
+    /// None: the initramfs.
+    pub root: Option<&'a [u8]>,
+    /// An absolute path inside the root.
+    pub cwd: &'a [u8],
+}
+
+impl Default for Place<'_> {
+    fn default() -> Self {
+        Place {
+            root: None,
+            cwd: b"/",
+        }
+    }
+}
 
 /// A started command: its pid and the init's ends of its pipes
 /// (non-blocking).
@@ -113,7 +133,7 @@ fn classify(name: &str, candidates: &[Vec<u8>], f: Failure) -> Exit {
 
 /// Starts `argv` (looked up in `path`, which is also its `PATH`). The error
 /// is how the run ends: not found, not executable, or the init failed.
-pub fn spawn(argv: &[Vec<u8>], path: &str) -> Result<Child, Exit> {
+pub fn spawn(argv: &[Vec<u8>], path: &str, place: Place) -> Result<Child, Exit> {
     let Some(name) = argv.first() else {
         return Err(Exit::InitFailed("no command".into()));
     };
@@ -144,6 +164,8 @@ pub fn spawn(argv: &[Vec<u8>], path: &str) -> Result<Child, Exit> {
         .chain(ENV.iter().map(|e| e.to_string()))
         .map(|e| cstring(e.as_bytes()))
         .collect::<Result<Vec<_>, _>>()?;
+    let c_root = place.root.map(cstring).transpose()?;
+    let c_cwd = cstring(place.cwd)?;
     let try_ptrs: Vec<*const libc::c_char> = c_tries.iter().map(|c| c.as_ptr()).collect();
     let argv_ptrs = null_terminated(&c_argv);
     let env_ptrs = null_terminated(&c_env);
@@ -167,6 +189,8 @@ pub fn spawn(argv: &[Vec<u8>], path: &str) -> Result<Child, Exit> {
         argv: argv_ptrs.as_ptr(),
         env: env_ptrs.as_ptr(),
         signals: &no_signals,
+        root: c_root.as_deref(),
+        cwd: &c_cwd,
     };
 
     // SAFETY: the child only runs `ChildSetup::exec`, which makes
@@ -233,6 +257,8 @@ struct ChildSetup<'a> {
     argv: *const *const libc::c_char,
     env: *const *const libc::c_char,
     signals: &'a libc::sigset_t,
+    root: Option<&'a std::ffi::CStr>,
+    cwd: &'a std::ffi::CStr,
 }
 
 impl ChildSetup<'_> {
@@ -283,7 +309,7 @@ impl ChildSetup<'_> {
 
     /// Plumbing and a clean slate: stdio, no blocked signals, SIGPIPE back to
     /// its default (Rust's runtime ignores it, and `execve` keeps that), a
-    /// new session, `/`.
+    /// new session, its root and working directory.
     fn setup(&self) -> Result<(), i32> {
         for (target, &fd) in self.stdio.iter().enumerate() {
             let target = target as RawFd;
@@ -314,8 +340,14 @@ impl ChildSetup<'_> {
         if unsafe { libc::setsid() } < 0 {
             return Err(errno());
         }
+        if let Some(root) = self.root {
+            // SAFETY: a NUL-terminated path.
+            if unsafe { libc::chroot(root.as_ptr()) } < 0 {
+                return Err(errno());
+            }
+        }
         // SAFETY: a NUL-terminated path.
-        if unsafe { libc::chdir(c"/".as_ptr()) } < 0 {
+        if unsafe { libc::chdir(self.cwd.as_ptr()) } < 0 {
             return Err(errno());
         }
         Ok(())
@@ -359,7 +391,7 @@ mod tests {
     /// Runs `argv` to its end (its output must fit in the pipe); its stdout
     /// and how it ended, or why it did not start.
     fn run(argv: &[&str], path: &str) -> Result<(String, Exit), Exit> {
-        let child = spawn(&args(argv), path)?;
+        let child = spawn(&args(argv), path, Place::default())?;
         drop(child.stdin);
         let exit = wait(child.pid);
         let mut out = Vec::new();
@@ -489,6 +521,44 @@ mod tests {
     }
 
     #[test]
+    fn the_command_runs_in_its_place() {
+        let _lock = fork_lock();
+        let d = TempDir::new("place");
+        put(
+            &d.path().join("tool"),
+            "#!/bin/sh\necho \"$(pwd)\"\n",
+            0o755,
+        );
+        let cwd = d.path().as_os_str().as_encoded_bytes();
+        let child = spawn(
+            &args(&["./tool"]),
+            PATH,
+            Place {
+                root: Some(b"/"),
+                cwd,
+            },
+        )
+        .unwrap();
+        drop(child.stdin);
+        assert_eq!(wait(child.pid), Exit::Exited(0));
+        let mut out = Vec::new();
+        (&child.stdout).read_to_end(&mut out).unwrap();
+        assert_eq!(
+            out,
+            [cwd, b"\n"].concat(),
+            "relative to its working directory"
+        );
+        let missing = Place {
+            root: Some(b"/nonexistent-root"),
+            cwd: b"/",
+        };
+        assert!(matches!(
+            spawn(&args(&["true"]), PATH, missing),
+            Err(Exit::InitFailed(m)) if m.contains("set up the child")
+        ));
+    }
+
+    #[test]
     fn a_command_that_exits_127_is_not_mistaken_for_a_missing_one() {
         let _lock = fork_lock();
         assert_eq!(
@@ -530,7 +600,7 @@ mod tests {
     #[test]
     fn the_command_leads_its_own_session() {
         let _lock = fork_lock();
-        let child = spawn(&args(&["cat"]), PATH).unwrap();
+        let child = spawn(&args(&["cat"]), PATH, Place::default()).unwrap();
         // SAFETY: no pointers.
         let sid = unsafe { libc::getsid(child.pid) };
         assert_eq!(sid, child.pid);

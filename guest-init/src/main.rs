@@ -7,6 +7,7 @@ use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 
+use minivmm_guest_init::command::Place;
 use minivmm_guest_init::kmsg::Kmsg;
 use minivmm_guest_init::log::Log;
 use minivmm_guest_init::port::{self, DevWatch, Port};
@@ -90,7 +91,9 @@ impl Init {
                     // first send.
                     kmsg.read_records(usize::MAX);
                 }
-                modules::load_all(&spec.modules, &self.log).err()
+                modules::load_all(&spec.modules, &self.log)
+                    .and_then(|()| mounts::mount_shares(&spec.shares, spec.root.as_deref()))
+                    .err()
             }
             Err(e) => Some(e.clone()),
         };
@@ -110,7 +113,12 @@ impl Init {
         let spec = spec?;
 
         let reaper = Reaper::new().map_err(|e| format!("set up SIGCHLD: {e}"))?;
-        pump::run_command(port, self.kmsg.as_mut(), &reaper, &spec.argv).map_err(|e| e.to_string())
+        let place = Place {
+            root: spec.root.as_deref(),
+            cwd: spec.cwd.as_deref().unwrap_or(b"/"),
+        };
+        pump::run_command(port, self.kmsg.as_mut(), &reaper, &spec.argv, place)
+            .map_err(|e| e.to_string())
     }
 
     /// Logs a failure of the init and tells the host how the run ended.

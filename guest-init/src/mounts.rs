@@ -3,8 +3,11 @@
 use std::ffi::{CStr, CString};
 use std::fs::DirBuilder;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::Path;
+
+use run_protocol::Share;
 
 use crate::sys::cvt;
 
@@ -136,6 +139,83 @@ fn mount(m: &Mount) -> io::Result<()> {
     }
 }
 
+/// What `mount` says about a virtio-fs share, for the user.
+fn share_error(e: io::Error, tag: &str, path: &str) -> String {
+    let why = match e.raw_os_error() {
+        Some(libc::ENODEV) => "the kernel has no virtiofs file system \
+             (CONFIG_VIRTIO_FS, built in or the virtiofs module)"
+            .to_string(),
+        Some(libc::ENOENT) => format!("no virtio-fs device with the tag {tag} ({e})"),
+        _ => e.to_string(),
+    };
+    format!("mount the host directory {tag} on {path}: {why}")
+}
+
+/// Mounts each host directory (virtio-fs) at its path, in order; a missing
+/// mount point is made. With a `root` (`--host-root`), that share gets fresh
+/// `/proc`, `/sys`, `/dev`, `/tmp` and `/run` right after it is mounted
+/// (before the shares below it, so one under `/tmp` stays visible).
+pub fn mount_shares(shares: &[Share], root: Option<&[u8]>) -> Result<(), String> {
+    for sh in shares {
+        let path = String::from_utf8_lossy(&sh.path).into_owned();
+        let dir = Path::new(std::ffi::OsStr::from_bytes(&sh.path));
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(|e| format!("make the mount point {path}: {e}"))?;
+        let flags = if sh.read_only { libc::MS_RDONLY } else { 0 };
+        sys_mount(&sh.tag, dir, c"virtiofs", flags, c"")
+            .map_err(|e| share_error(e, &sh.tag, &path))?;
+        if root == Some(&sh.path[..]) {
+            prepare_root(dir)?;
+        }
+    }
+    Ok(())
+}
+
+/// Fresh kernel file systems in the command's root: the init's `/proc`,
+/// `/sys` and `/dev` (with `/dev/pts` and `/dev/shm`) bound there, and new
+/// tmpfs on `/tmp` and `/run`.
+fn prepare_root(root: &Path) -> Result<(), String> {
+    for dir in ["/proc", "/sys", "/dev"] {
+        let target = root.join(&dir[1..]);
+        sys_mount(dir, &target, c"", libc::MS_BIND | libc::MS_REC, c"")
+            .map_err(|e| format!("bind {dir} into the root at {}: {e}", target.display()))?;
+    }
+    for (dir, data) in [("tmp", c"mode=1777"), ("run", c"mode=0755")] {
+        let target = root.join(dir);
+        sys_mount("tmpfs", &target, c"tmpfs", NOSUID_NODEV, data)
+            .map_err(|e| format!("mount tmpfs on {}: {e}", target.display()))?;
+    }
+    Ok(())
+}
+
+/// mount(2) of `source` on `target`.
+fn sys_mount(
+    source: &str,
+    target: &Path,
+    fstype: &CStr,
+    flags: libc::c_ulong,
+    data: &CStr,
+) -> io::Result<()> {
+    let c_source = CString::new(source)?;
+    let c_target = CString::new(target.as_os_str().as_bytes())?;
+    let fstype = (!fstype.is_empty()).then_some(fstype.as_ptr());
+    // SAFETY: all strings are valid and NUL-terminated (a null file system
+    // type for a bind mount); mount copies them.
+    let rc = unsafe {
+        libc::mount(
+            c_source.as_ptr(),
+            c_target.as_ptr(),
+            fstype.unwrap_or(std::ptr::null()),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    cvt(rc).map(drop)
+}
+
 /// Whether a file system is mounted at `dir`: it is on another device than
 /// its parent.
 pub fn is_mountpoint(dir: &Path) -> bool {
@@ -175,6 +255,37 @@ mod tests {
         assert!(has_entries(&dir));
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(!has_entries(&dir), "a missing directory holds nothing");
+    }
+
+    #[test]
+    fn share_errors_say_what_is_missing() {
+        let e = share_error(io::Error::from_raw_os_error(libc::ENODEV), "share0", "/out");
+        assert!(
+            e.starts_with("mount the host directory share0 on /out: "),
+            "{e}"
+        );
+        assert!(
+            e.contains("CONFIG_VIRTIO_FS") && e.contains("virtiofs module"),
+            "{e}"
+        );
+        let e = share_error(io::Error::from_raw_os_error(libc::ENOENT), "share1", "/x");
+        assert!(e.contains("no virtio-fs device with the tag share1"), "{e}");
+        // No such file system here either: the message is the kernel's.
+        let r = mount_shares(
+            &[Share {
+                tag: "minivmm-test-no-such-tag".into(),
+                path: std::env::temp_dir()
+                    .join(format!("minivmm-share-{}", std::process::id()))
+                    .into_os_string()
+                    .into_encoded_bytes(),
+                read_only: true,
+            }],
+            None,
+        );
+        assert!(
+            r.unwrap_err().contains("minivmm-test-no-such-tag"),
+            "a failed mount names the share"
+        );
     }
 
     #[test]

@@ -41,8 +41,9 @@ pub fn run_command(
     kmsg: Option<&mut Kmsg>,
     reaper: &Reaper,
     argv: &[Vec<u8>],
+    place: command::Place,
 ) -> io::Result<Exit> {
-    let child = match command::spawn(argv, command::PATH) {
+    let child = match command::spawn(argv, command::PATH, place) {
         Ok(child) => child,
         Err(exit) => return Ok(exit),
     };

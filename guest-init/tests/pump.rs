@@ -87,7 +87,14 @@ fn run(reaper: &Reaper, argv: &[&str], to_guest: Vec<u8>, kmsg: Option<&mut Kmsg
     let argv: Vec<Vec<u8>> = argv.iter().map(|a| a.as_bytes().to_vec()).collect();
     let start = Instant::now();
     let mut kmsg = kmsg;
-    let exit = pump::run_command(&port, kmsg.as_deref_mut(), reaper, &argv).expect("the pump");
+    let exit = pump::run_command(
+        &port,
+        kmsg.as_deref_mut(),
+        reaper,
+        &argv,
+        Default::default(),
+    )
+    .expect("the pump");
     pump::report_exit(&port, kmsg, &exit).expect("report");
     let elapsed = start.elapsed();
     let frames = reader.join().expect("the reader");
@@ -208,7 +215,8 @@ fn stdin_left_open_until_eof(reaper: &Reaper) {
         wire
     });
     let port = Port::from_fd(OwnedFd::from(guest));
-    let exit = pump::run_command(&port, None, reaper, &[b"cat".to_vec()]).expect("the pump");
+    let exit = pump::run_command(&port, None, reaper, &[b"cat".to_vec()], Default::default())
+        .expect("the pump");
     pump::report_exit(&port, None, &exit).expect("report");
     drop(port);
     let mut d = Deframer::default();

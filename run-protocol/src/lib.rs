@@ -6,8 +6,9 @@
 //! The host writes it into the generated initramfs at [`SPEC_PATH`]: records
 //! `key=value`, each ended by a NUL byte (values may hold any byte but NUL,
 //! newlines included), in this order: `module=PATH` for each kernel module to
-//! load (dependencies first), `arg=ARG` for each word of the command (at least
-//! one), then any options (`verbose=1`). See [`Spec`].
+//! load (dependencies first), `share=TAG:ro|rw:PATH` for each host directory
+//! to mount, `root=PATH` and `cwd=PATH` when given, `arg=ARG` for each word of
+//! the command (at least one), then any options (`verbose=1`). See [`Spec`].
 //!
 //! # The channel
 //!
@@ -166,11 +167,55 @@ impl Exit {
     }
 }
 
+/// A host directory the init mounts (virtio-fs) before the command starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    /// The virtio-fs tag (never holds ':').
+    pub tag: String,
+    /// Where to mount it, an absolute guest path (in the init's namespace).
+    pub path: Vec<u8>,
+    /// Mount it read-only.
+    pub read_only: bool,
+}
+
+impl Share {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = self.tag.as_bytes().to_vec();
+        v.extend_from_slice(if self.read_only { b":ro:" } else { b":rw:" });
+        v.extend_from_slice(&self.path);
+        v
+    }
+
+    fn decode(v: &[u8]) -> Option<Share> {
+        let mut parts = v.splitn(3, |&b| b == b':');
+        let tag = String::from_utf8(parts.next()?.to_vec()).ok()?;
+        let read_only = match parts.next()? {
+            b"ro" => true,
+            b"rw" => false,
+            _ => return None,
+        };
+        let path = parts.next()?.to_vec();
+        (!tag.is_empty() && path.first() == Some(&b'/')).then_some(Share {
+            tag,
+            path,
+            read_only,
+        })
+    }
+}
+
 /// What the init is to do.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Spec {
     /// Kernel modules to load, in order (guest paths).
     pub modules: Vec<String>,
+    /// Host directories to mount, in order (a mount's parent first).
+    pub shares: Vec<Share>,
+    /// The command's root directory (`--host-root`: where the host's `/` is
+    /// mounted); the init gives it fresh `/proc`, `/sys`, `/dev`, `/tmp` and
+    /// `/run` and the command runs chroot'ed there. None: the initramfs.
+    pub root: Option<Vec<u8>>,
+    /// The command's working directory (inside its root); default `/`.
+    pub cwd: Option<Vec<u8>>,
     /// The command and its arguments.
     pub argv: Vec<Vec<u8>>,
     /// Forward the kernel log to the host as it comes (else only on a failure).
@@ -189,6 +234,15 @@ impl Spec {
         };
         for m in &self.modules {
             rec("module", m.as_bytes());
+        }
+        for sh in &self.shares {
+            rec("share", &sh.encode());
+        }
+        if let Some(r) = &self.root {
+            rec("root", r);
+        }
+        if let Some(c) = &self.cwd {
+            rec("cwd", c);
         }
         for a in &self.argv {
             rec("arg", a);
@@ -209,6 +263,13 @@ impl Spec {
             let (k, v) = (&rec[..eq], &rec[eq + 1..]);
             match k {
                 b"module" => s.modules.push(String::from_utf8_lossy(v).into_owned()),
+                b"share" => {
+                    s.shares.push(Share::decode(v).ok_or_else(|| {
+                        format!("bad share record {:?}", String::from_utf8_lossy(v))
+                    })?)
+                }
+                b"root" => s.root = Some(v.to_vec()),
+                b"cwd" => s.cwd = Some(v.to_vec()),
                 b"arg" => s.argv.push(v.to_vec()),
                 b"verbose" => s.verbose = v == b"1",
                 other => {
@@ -283,8 +344,35 @@ mod tests {
             modules: vec!["/lib/modules/6.1/virtio.ko".into()],
             argv: vec![b"sh".to_vec(), b"-c".to_vec(), b"echo a=b\nexit 7".to_vec()],
             verbose: true,
+            ..Default::default()
         };
         assert_eq!(Spec::decode(&s.encode()), Ok(s));
+        let s = Spec {
+            shares: vec![
+                Share {
+                    tag: "share0".into(),
+                    path: b"/.minivmm/root".to_vec(),
+                    read_only: true,
+                },
+                Share {
+                    tag: "share1".into(),
+                    path: b"/.minivmm/root/a:b/c\nd".to_vec(),
+                    read_only: false,
+                },
+            ],
+            root: Some(b"/.minivmm/root".to_vec()),
+            cwd: Some(b"/a:b/c".to_vec()),
+            argv: vec![b"./t".to_vec()],
+            ..Default::default()
+        };
+        assert_eq!(Spec::decode(&s.encode()), Ok(s));
+        for bad in [
+            &b"share=t:rx:/p\0arg=x\0"[..],
+            b"share=t:ro:p\0arg=x\0",
+            b"share=:ro:/p\0arg=x\0",
+        ] {
+            assert!(Spec::decode(bad).unwrap_err().contains("bad share"));
+        }
         assert_eq!(Spec::decode(b"module=x\0"), Err("no command".into()));
         assert!(Spec::decode(b"arg\0").unwrap_err().contains("without '='"));
         assert!(Spec::decode(b"what=1\0").unwrap_err().contains("unknown"));

@@ -312,3 +312,5 @@ fn run_isa_debug_exit_from_an_added_dynamic_program() {
     assert_eq!(out.status.code(), Some(1), "stderr: {err}");
     assert!(err.contains("did not end the VM"), "{err}");
 }
+
+mod share;

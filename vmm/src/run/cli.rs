@@ -23,11 +23,15 @@ minivmm makes (no tools needed on the host): its own static init, the files of
 --initrd IMG (its /init is not run), of each --add, and the kernel modules the
 channel needs. Its stdout and stderr stream live to minivmm's stdout and
 stderr, byte for byte; minivmm's stdin is its stdin. The kernel's console goes
-nowhere unless --verbose (stderr) or --serial file:PATH.
+nowhere unless --verbose (stderr) or --serial file:PATH. With --host-root the
+command sees the host's files instead (read-only, but for the current
+directory); --share mounts more host directories in either case.
 
 Examples:
   minivmm run --kernel /boot/vmlinuz-$(uname -r) -- uname -r
   minivmm run --kernel bzImage --add ./my-test -- ./my-test --quick
+  minivmm run --kernel bzImage --host-root -- ./my-test --quick
+  minivmm run --kernel bzImage --share ./out:/out -- sh -c 'dmesg > /out/dmesg.txt'
   minivmm run --kernel vmlinuz --initrd rootfs.cpio.gz --timeout 60 --result r.json -- sh -c 'make check'";
 
 /// Arguments of `minivmm run`.
@@ -61,6 +65,26 @@ pub struct RunCli {
     /// interpreter and shared libraries.
     #[arg(long = "add", value_name = "HOST[:GUEST]")]
     pub add: Vec<String>,
+
+    /// Mount host directory HOSTDIR at GUESTPATH before the command starts
+    /// (virtio-fs, served by a virtiofsd minivmm starts and stops); `:ro`
+    /// makes it read-only; repeatable. The kernel needs virtiofs (built in,
+    /// or the virtiofs module, which is packed).
+    #[arg(long, value_name = "HOSTDIR:GUESTPATH[:ro]")]
+    pub share: Vec<crate::share::ShareSpec>,
+
+    /// Run the command in the host's own userspace: the host's `/` read-only
+    /// as its root (with fresh /proc, /sys, /dev, /tmp and /run) and the
+    /// current directory read-write at the same path, where the command
+    /// starts (so `-- ./my-test` runs the host's ./my-test against the kernel).
+    #[arg(long, conflicts_with_all = ["initrd", "add"])]
+    pub host_root: bool,
+
+    /// The virtiofsd to run for --share and --host-root (default: the first
+    /// of /usr/libexec/virtiofsd, /usr/lib/qemu/virtiofsd, /usr/lib/virtiofsd;
+    /// Debian 12 has it in the qemu-system-common package).
+    #[arg(long, value_name = "PATH")]
+    pub virtiofsd: Option<PathBuf>,
 
     /// Write the verdict, statuses and timings as one JSON object to FILE.
     #[arg(long, value_name = "FILE")]

@@ -4,17 +4,18 @@
 use std::ffi::OsStr;
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use run_protocol::Spec;
+use run_protocol::{Share, Spec};
 
 use super::cli::RunCli;
 use super::initramfs::{self, AddSpec};
 use super::verdict::{ending, result_json};
 use crate::config::{ConsoleKind, SerialBackend, VmConfig};
 use crate::error::error_chain;
+use crate::share::ShareSpec;
 use crate::vmm::{run_vm, RunChannel};
 
 /// Modules the channel needs, when the kernel has them as modules.
@@ -27,6 +28,9 @@ const WANTED_MODULES: &[&str] = &["pvpanic", "pvpanic_mmio"];
 /// quiet (every byte on the 16550 is a VM exit), and a panic reboots at once
 /// (reported as a VM failure when pvpanic is not there to say "panic").
 const BASE_CMDLINE: &str = "console=ttyS0 panic=-1";
+
+/// Where `--host-root` mounts the host's `/` in the guest: the command's root.
+const HOST_ROOT: &str = "/.minivmm/root";
 
 /// A failure before the VM starts: one line for the user, status 125.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +50,15 @@ pub enum RunError {
     /// `--serial stdio` makes no sense here.
     #[error("--serial stdio is not available with run (the command's output is on stdout): use file:PATH, or --verbose for stderr")]
     SerialStdio,
+    /// The kernel has no virtiofs.
+    #[error("--share/--host-root need the kernel's virtiofs file system (CONFIG_VIRTIO_FS): the module virtiofs is neither in {} nor built in", .0.display())]
+    NoVirtiofs(PathBuf),
+    /// `--virtiofsd` without anything to serve.
+    #[error("--virtiofsd is only used with --share or --host-root")]
+    VirtiofsdWithoutShare,
+    /// The current directory (for `--host-root`).
+    #[error("--host-root shares the current directory, which cannot be found")]
+    Cwd(#[source] std::io::Error),
     /// Making the initramfs failed.
     #[error(transparent)]
     Initramfs(#[from] initramfs::InitramfsError),
@@ -65,7 +78,7 @@ pub enum RunError {
 
 /// The modules to pack: from `--modules DIR`, or `/lib/modules/VERSION` when
 /// it exists; none when there is no tree (the kernel must have them built in).
-fn modules(cli: &RunCli) -> Result<Vec<(PathBuf, String)>, RunError> {
+fn modules(cli: &RunCli, shares: bool) -> Result<Vec<(PathBuf, String)>, RunError> {
     let version = initramfs::kernel_version_of(&cli.kernel)?;
     let dir = match &cli.modules {
         Some(d) => d.clone(),
@@ -82,12 +95,74 @@ fn modules(cli: &RunCli) -> Result<Vec<(PathBuf, String)>, RunError> {
             d
         }
     };
-    Ok(initramfs::resolve_modules(
-        &dir,
-        &version,
-        NEEDED_MODULES,
-        WANTED_MODULES,
-    )?)
+    let mut needed = NEEDED_MODULES.to_vec();
+    if shares {
+        needed.push("virtiofs");
+    }
+    initramfs::resolve_modules(&dir, &version, &needed, WANTED_MODULES).map_err(|e| match e {
+        initramfs::InitramfsError::ModuleNotFound { name, dir } if name == "virtiofs" => {
+            RunError::NoVirtiofs(dir)
+        }
+        e => e.into(),
+    })
+}
+
+/// The host directories of a run: what the VMM serves, and what the init
+/// mounts where.
+#[derive(Debug, Default)]
+struct Layout {
+    shares: Vec<ShareSpec>,
+    mounts: Vec<Share>,
+    root: Option<Vec<u8>>,
+    cwd: Option<Vec<u8>>,
+}
+
+/// With `--host-root`: the host's `/` (read-only) as the command's root and
+/// the current directory (read-write) at its own path, where the command
+/// starts; then each `--share`, under that root.
+fn layout(cli: &RunCli) -> Result<Layout, RunError> {
+    let mut l = Layout::default();
+    let prefix = if cli.host_root {
+        let cwd = std::env::current_dir()
+            .and_then(std::fs::canonicalize)
+            .map_err(RunError::Cwd)?;
+        l.shares.push(ShareSpec {
+            host: "/".into(),
+            guest: "/".into(),
+            read_only: true,
+        });
+        if cwd != Path::new("/") {
+            l.shares.push(ShareSpec {
+                host: cwd.clone(),
+                guest: cwd.clone(),
+                read_only: false,
+            });
+        }
+        l.root = Some(HOST_ROOT.as_bytes().to_vec());
+        l.cwd = Some(cwd.into_os_string().into_vec());
+        HOST_ROOT
+    } else {
+        ""
+    };
+    l.shares.extend(cli.share.iter().cloned());
+    l.mounts = l
+        .shares
+        .iter()
+        .enumerate()
+        .map(|(i, sh)| {
+            // Under the root (the root itself for `/`).
+            let mut path = prefix.as_bytes().to_vec();
+            if prefix.is_empty() || sh.guest != Path::new("/") {
+                path.extend_from_slice(sh.guest.as_os_str().as_bytes());
+            }
+            Share {
+                tag: ShareSpec::tag(i),
+                path,
+                read_only: sh.read_only,
+            }
+        })
+        .collect();
+    Ok(l)
 }
 
 /// An in-memory file holding `bytes`, and a path the loader can open it by.
@@ -114,6 +189,9 @@ fn prepare(cli: &RunCli) -> Result<(VmConfig, OwnedFd), RunError> {
     if cli.command.is_empty() || cli.command[0].is_empty() {
         return Err(RunError::NoCommand);
     }
+    if cli.virtiofsd.is_some() && cli.share.is_empty() && !cli.host_root {
+        return Err(RunError::VirtiofsdWithoutShare);
+    }
     std::fs::File::open(&cli.kernel).map_err(|source| RunError::Kernel {
         path: cli.kernel.clone(),
         source,
@@ -129,9 +207,13 @@ fn prepare(cli: &RunCli) -> Result<(VmConfig, OwnedFd), RunError> {
         .iter()
         .map(|a| AddSpec::parse(a))
         .collect::<Result<Vec<_>, _>>()?;
-    let modules = modules(cli)?;
+    let layout = layout(cli)?;
+    let modules = modules(cli, !layout.shares.is_empty())?;
     let spec = Spec {
         modules: modules.iter().map(|(_, guest)| guest.clone()).collect(),
+        shares: layout.mounts,
+        root: layout.root,
+        cwd: layout.cwd,
         argv: cli
             .command
             .iter()
@@ -181,8 +263,8 @@ fn prepare(cli: &RunCli) -> Result<(VmConfig, OwnedFd), RunError> {
         agent_timeout: 30,
         virtio_mmio_cmdline: false,
         isa_debug_exit: cli.isa_debug_exit,
-        shares: Vec::new(),
-        virtiofsd: None,
+        shares: layout.shares,
+        virtiofsd: cli.virtiofsd.clone(),
         run_channel: true,
     };
     Ok((cfg, fd))
@@ -243,4 +325,83 @@ pub fn execute(cli: RunCli, spawned: Instant) -> u8 {
         }
     }
     u8::try_from(end.status & 0xff).unwrap_or(125)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn cli(args: &[&str]) -> RunCli {
+        RunCli::try_parse_from(
+            ["minivmm run", "--kernel", "k"]
+                .iter()
+                .chain(args)
+                .chain(&["--", "true"]),
+        )
+        .unwrap()
+    }
+
+    fn mount(tag: &str, path: &str, read_only: bool) -> Share {
+        Share {
+            tag: tag.into(),
+            path: path.as_bytes().to_vec(),
+            read_only,
+        }
+    }
+
+    #[test]
+    fn shares_are_mounted_at_their_guest_paths() {
+        assert!(layout(&cli(&[])).unwrap().shares.is_empty());
+        let tmp = std::env::temp_dir();
+        let spec = format!("{}:/out:ro", tmp.display());
+        let l = layout(&cli(&["--share", &spec])).unwrap();
+        assert_eq!(l.shares.len(), 1);
+        assert_eq!(l.mounts, [mount("share0", "/out", true)]);
+        assert_eq!((l.root, l.cwd), (None, None));
+    }
+
+    #[test]
+    fn host_root_is_the_hosts_root_and_the_current_directory() {
+        let tmp = std::env::temp_dir();
+        let spec = format!("{}:/out", tmp.display());
+        let l = layout(&cli(&["--host-root", "--share", &spec])).unwrap();
+        let cwd = std::env::current_dir()
+            .unwrap()
+            .canonicalize()
+            .unwrap()
+            .display()
+            .to_string();
+        assert_eq!(l.shares[0].host, Path::new("/"));
+        assert!(l.shares[0].read_only);
+        assert_eq!(l.shares[1].host, Path::new(&cwd));
+        assert!(!l.shares[1].read_only, "the current directory is writable");
+        assert_eq!(
+            l.mounts,
+            [
+                mount("share0", HOST_ROOT, true),
+                mount("share1", &format!("{HOST_ROOT}{cwd}"), false),
+                mount("share2", &format!("{HOST_ROOT}/out"), false),
+            ]
+        );
+        assert_eq!(l.root.as_deref(), Some(HOST_ROOT.as_bytes()));
+        assert_eq!(l.cwd.as_deref(), Some(cwd.as_bytes()));
+    }
+
+    #[test]
+    fn bad_share_combinations_are_refused() {
+        let parse = |args: &[&str]| {
+            RunCli::try_parse_from(
+                ["minivmm run", "--kernel", "k"]
+                    .iter()
+                    .chain(args)
+                    .chain(&["--", "true"]),
+            )
+        };
+        assert!(parse(&["--host-root", "--add", "/bin/true"]).is_err());
+        assert!(parse(&["--host-root", "--initrd", "i.img"]).is_err());
+        assert!(parse(&["--share", "/nonexistent-minivmm:/x"]).is_err());
+        let e = prepare(&cli(&["--virtiofsd", "/usr/lib/qemu/virtiofsd"])).unwrap_err();
+        assert!(matches!(e, RunError::VirtiofsdWithoutShare), "{e}");
+    }
 }

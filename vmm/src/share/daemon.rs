@@ -22,7 +22,7 @@ use std::ffi::CString;
 use std::io::{self, BufRead, BufReader};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -66,8 +66,14 @@ impl Flavor {
     }
 
     /// The daemon's arguments for serving `dir` on descriptor [`LISTEN_FD`].
+    ///
+    /// Its default sandbox (a mount namespace entered with
+    /// `pivot_root(dir)`) cannot take the root itself (`pivot_root` fails
+    /// with EBUSY), so the host's `/` (`--host-root`) is served with the
+    /// chroot sandbox, which for `/` confines nothing beyond the share.
     pub fn args(self, dir: &Path) -> Vec<std::ffi::OsString> {
         let mut v: Vec<std::ffi::OsString> = vec![format!("--fd={LISTEN_FD}").into()];
+        let whole_root = dir == Path::new("/");
         match self {
             Flavor::Qemu => {
                 let mut source = std::ffi::OsString::from("source=");
@@ -75,11 +81,17 @@ impl Flavor {
                 v.extend(["-o".into(), source]);
                 v.extend(["-o".into(), "cache=auto".into()]);
                 v.extend(["-o".into(), "log_level=warn".into()]);
+                if whole_root {
+                    v.extend(["-o".into(), "sandbox=chroot".into()]);
+                }
             }
             Flavor::Rust => {
                 v.extend(["--shared-dir".into(), dir.as_os_str().to_owned()]);
                 v.extend(["--cache".into(), "auto".into()]);
                 v.extend(["--log-level".into(), "warn".into()]);
+                if whole_root {
+                    v.extend(["--sandbox".into(), "chroot".into()]);
+                }
             }
         }
         v
@@ -169,6 +181,15 @@ impl Virtiofsd {
         } else {
             None
         };
+        // Made before the fork: the child may not allocate.
+        let submounts: Vec<CString> = if share.read_only {
+            submounts(&share.host)
+                .into_iter()
+                .filter_map(|p| CString::new(p.into_os_string().into_vec()).ok())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut cmd = Command::new(bin);
         cmd.args(flavor.args(&share.host))
             .stdin(Stdio::null())
@@ -180,7 +201,7 @@ impl Virtiofsd {
         // makes async-signal-safe system calls on values prepared before the
         // fork (no allocation, no locks).
         unsafe {
-            cmd.pre_exec(move || child_setup(lfd, read_only.as_deref()));
+            cmd.pre_exec(move || child_setup(lfd, read_only.as_deref(), &submounts));
         }
         let mut child = cmd.spawn().map_err(|source| DaemonError::Spawn {
             tag: tag.to_string(),
@@ -303,7 +324,11 @@ impl Drop for Virtiofsd {
 
 /// In the forked child: the listening socket at [`LISTEN_FD`], death with the
 /// parent, and for a read-only share a read-only view of the directory.
-fn child_setup(lfd: RawFd, read_only: Option<&std::ffi::CStr>) -> io::Result<()> {
+fn child_setup(
+    lfd: RawFd,
+    read_only: Option<&std::ffi::CStr>,
+    submounts: &[CString],
+) -> io::Result<()> {
     let check = |r: libc::c_int| {
         if r < 0 {
             Err(io::Error::last_os_error())
@@ -345,18 +370,89 @@ fn child_setup(lfd: RawFd, read_only: Option<&std::ffi::CStr>) -> io::Result<()>
                 std::ptr::null(),
             )
         })?;
-        // SAFETY: remounts that bind mount read-only.
-        check(unsafe {
-            libc::mount(
-                none,
-                dir.as_ptr(),
-                none,
-                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
-                std::ptr::null(),
-            )
-        })?;
+        // The bind mount and every mount below it (a bind remount changes
+        // one mount only).
+        remount_read_only(dir)?;
+        for sub in submounts {
+            remount_read_only(sub)?;
+        }
     }
     Ok(())
+}
+
+/// Makes the mount at `path` read-only, keeping its other flags (nosuid,
+/// noexec, ...). Async-signal-safe.
+fn remount_read_only(path: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: statvfs is plain data; zeroed is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` a valid place for the result.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The ST_* bits of f_flag are the MS_* bits of the same name.
+    let kept = st.f_flag
+        & (libc::MS_NOSUID
+            | libc::MS_NODEV
+            | libc::MS_NOEXEC
+            | libc::MS_NOATIME
+            | libc::MS_NODIRATIME
+            | libc::MS_RELATIME);
+    let none = std::ptr::null::<libc::c_char>();
+    // SAFETY: remounts the mount at `path` (a valid C string); null pointers
+    // where mount(2) allows them.
+    let rc = unsafe {
+        libc::mount(
+            none,
+            path.as_ptr(),
+            none,
+            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | kept,
+            std::ptr::null(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The mount points strictly below `dir` (from /proc/self/mountinfo, parents
+/// first), which a recursive bind mount of `dir` takes along.
+pub(crate) fn submounts(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut out: Vec<PathBuf> = Vec::new();
+    for line in text.lines() {
+        let Some(field) = line.split(' ').nth(4) else {
+            continue;
+        };
+        let p = PathBuf::from(std::ffi::OsString::from_vec(unescape_mountinfo(field)));
+        if p != dir && p.starts_with(dir) && !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match oct {
+            Some(d) => {
+                out.push(d.iter().fold(0u8, |n, c| n.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// Reads the daemon's output until it ends; logs an end nobody asked for.

@@ -124,4 +124,29 @@ fn the_flavors_take_their_own_arguments() {
     assert!(r
         .windows(2)
         .any(|w| w[0] == "--shared-dir" && w[1] == "/srv/x"));
+    assert!(!q
+        .iter()
+        .chain(&r)
+        .any(|a| a.to_string_lossy().contains("sandbox")));
+    // The host's root cannot be pivot_root'ed into: the chroot sandbox.
+    let q = Flavor::Qemu.args(Path::new("/"));
+    assert!(q.iter().any(|a| a == "sandbox=chroot"));
+    let r = Flavor::Rust.args(Path::new("/"));
+    assert!(r
+        .windows(2)
+        .any(|w| w[0] == "--sandbox" && w[1] == "chroot"));
+}
+
+#[test]
+fn mounts_below_a_read_only_share_are_found() {
+    assert_eq!(unescape_mountinfo(r"/a\040b"), b"/a b");
+    assert_eq!(unescape_mountinfo(r"/p\q\0"), br"/p\q\0", "not an escape");
+    assert_eq!(unescape_mountinfo(r"/x\011y"), b"/x\ty");
+    let below_root = submounts(Path::new("/"));
+    assert!(
+        below_root.iter().any(|p| p == Path::new("/proc")),
+        "{below_root:?}"
+    );
+    assert!(!below_root.iter().any(|p| p == Path::new("/")));
+    assert!(submounts(Path::new("/proc/self/fd")).is_empty());
 }

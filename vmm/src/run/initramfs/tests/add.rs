@@ -281,6 +281,7 @@ fn build_writes_everything_in_order() {
         modules: vec!["/lib/modules/6.1/kernel/virtio_console.ko".into()],
         argv: vec![b"sh".to_vec(), b"-c".to_vec(), b"echo hi".to_vec()],
         verbose: true,
+        ..Default::default()
     };
     let modules = vec![(module.clone(), spec.modules[0].clone())];
     let adds = vec![

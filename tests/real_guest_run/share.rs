@@ -1,0 +1,167 @@
+//! `minivmm run --share` and `--host-root`: host directories over virtio-fs,
+//! served by Debian's virtiofsd, mounted by the init before the command.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use minivmm_tests::{images_dir, minivmm, real_guest_available, temp_file, virtiofsd_serving};
+
+use super::{output, run_cmd, HANG_TIMEOUT};
+
+/// 64 MiB, the size the issue asks to cross both ways.
+const BIG: usize = 64 << 20;
+
+/// `minivmm run` on the cloud kernel with its modules tree, `extra` flags,
+/// then `--` and `cmd` (no initrd: `--host-root` refuses one).
+fn run_bare(extra: &[&str], cmd: &[&str]) -> Command {
+    let dir = images_dir();
+    let (k, m) = (
+        dir.join("vmlinuz").display().to_string(),
+        dir.join("modules").display().to_string(),
+    );
+    let mut args: Vec<&str> = vec!["run", "--kernel", &k, "--modules", &m];
+    args.extend(["--timeout", HANG_TIMEOUT]);
+    args.extend_from_slice(extra);
+    args.push("--");
+    args.extend_from_slice(cmd);
+    minivmm(&args)
+}
+
+/// Deterministic bytes that no simple pattern reproduces by accident.
+fn noise(n: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+#[test]
+fn run_share_reads_writes_and_refuses_writes_to_ro() {
+    if !real_guest_available("run_share_reads_writes_and_refuses_writes_to_ro") {
+        return;
+    }
+    let rw: PathBuf = temp_file("share-rw", "from-host", b"written on the host\n")
+        .parent()
+        .unwrap()
+        .into();
+    let ro: PathBuf = temp_file("share-ro", "ro.txt", b"read-only data\n")
+        .parent()
+        .unwrap()
+        .into();
+    let big = noise(BIG);
+    std::fs::write(rw.join("big"), &big).unwrap();
+    std::fs::create_dir_all(rw.join("many")).unwrap();
+    for i in 0..10_000 {
+        std::fs::write(rw.join(format!("many/f{i}")), i.to_string()).unwrap();
+    }
+    let rw_spec = format!("{}:/mnt/rw", rw.display());
+    let ro_spec = format!("{}:/mnt/ro:ro", ro.display());
+    let script = "set -e; cd /mnt/rw; cat from-host; echo written in the guest > from-guest; \
+        cp big big.copy; yes 0123456789abcde | head -c 67108864 > gen; \
+        if touch /mnt/ro/new 2>/dev/null; then echo ro-writable; else echo ro-refused; fi; \
+        cat /mnt/ro/ro.txt; \
+        exec 3<>unlinked; echo hello-unlinked >&3; rm unlinked; \
+        echo unlinked-size $(stat -L -c %s /proc/$$/fd/3); \
+        echo unlinked-data $(cat /proc/$$/fd/3); \
+        echo listed $(ls many | wc -l) found $(find many -type f | wc -l)";
+    let out = output(
+        run_cmd(
+            &["--share", &rw_spec, "--share", &ro_spec],
+            &["sh", "-c", script],
+        ),
+        b"",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert_eq!(
+        stdout,
+        "written on the host\nro-refused\nread-only data\nunlinked-size 15\n\
+         unlinked-data hello-unlinked\nlisted 10000 found 10000\n",
+        "stderr: {stderr}"
+    );
+    assert_eq!(
+        std::fs::read(rw.join("from-guest")).unwrap(),
+        b"written in the guest\n"
+    );
+    assert!(
+        std::fs::read(rw.join("big.copy")).unwrap() == big,
+        "64 MiB read by the guest and written back byte-exact"
+    );
+    let gen = std::fs::read(rw.join("gen")).unwrap();
+    assert_eq!(gen.len(), BIG);
+    assert!(
+        gen.chunks(16)
+            .all(|c| c == &b"0123456789abcde\n"[..c.len()]),
+        "64 MiB written by the guest read byte-exact on the host"
+    );
+    assert!(
+        !ro.join("new").exists(),
+        ":ro refused the write on the host"
+    );
+    assert!(!rw.join("unlinked").exists());
+    for dir in [&rw, &ro] {
+        assert_eq!(
+            virtiofsd_serving(dir),
+            Vec::<String>::new(),
+            "no daemon left"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&rw);
+    let _ = std::fs::remove_dir_all(&ro);
+}
+
+#[test]
+fn run_host_root_runs_a_host_program_in_the_current_directory() {
+    if !real_guest_available("run_host_root_runs_a_host_program_in_the_current_directory") {
+        return;
+    }
+    let cwd: PathBuf = temp_file("host-root", "marker", b"")
+        .parent()
+        .unwrap()
+        .into();
+    let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let py = "import os, platform; \
+        open('result.txt', 'w').write(platform.release() + ' ' + os.getcwd() + ' ' + \
+        str(os.path.exists('marker')))";
+    let probe = format!(
+        "/usr/bin/python3 -c \"{py}\" && \
+         if touch /etc/minivmm-probe 2>/dev/null; then echo root-writable; else echo root-ro; fi && \
+         echo tmp > /tmp/t && cat /tmp/t && ls /proc/1/exe >/dev/null && echo proc"
+    );
+    let mut cmd = run_bare(&["--host-root"], &["/bin/sh", "-c", &probe]);
+    cmd.current_dir(&cwd);
+    let out = output(cmd, b"");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert_eq!(stdout, "root-ro\ntmp\nproc\n", "stderr: {stderr}");
+    let result = std::fs::read_to_string(cwd.join("result.txt")).expect("result.txt");
+    let (release, rest) = result.split_once(' ').unwrap();
+    assert!(
+        release.contains("cloud-amd64") && release != host_release.trim(),
+        "the guest's kernel ran the host's python3: {result}"
+    );
+    assert_eq!(rest, format!("{} True", cwd.display()));
+    assert!(!Path::new("/etc/minivmm-probe").exists());
+    assert_eq!(
+        virtiofsd_serving(&cwd),
+        Vec::<String>::new(),
+        "no daemon left"
+    );
+    let _ = std::fs::remove_dir_all(&cwd);
+}
