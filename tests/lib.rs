@@ -468,7 +468,7 @@ pub fn spin_guest(test: &str) -> String {
 pub fn virtiofsd_serving(dir: &Path) -> Vec<String> {
     let needle = dir.as_os_str().as_encoded_bytes();
     let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
         let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
         if comm.trim_end() != "virtiofsd" {
             continue;
