@@ -496,6 +496,12 @@ pub fn temp_file(test: &str, name: &str, bytes: &[u8]) -> PathBuf {
     p
 }
 
+/// The per-test temporary directory of [`temp_file`], holding `name`.
+pub fn temp_dir_with(test: &str, name: &str, bytes: &[u8]) -> PathBuf {
+    let f = temp_file(test, name, bytes);
+    f.parent().expect("a temp dir").to_path_buf()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,10 +1,10 @@
 //! `minivmm run --share` and `--host-root`: host directories over virtio-fs,
 //! served by Debian's virtiofsd, mounted by the init before the command.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use minivmm_tests::{images_dir, minivmm, real_guest_available, temp_file, virtiofsd_serving};
+use minivmm_tests::{images_dir, minivmm, real_guest_available, temp_dir_with, virtiofsd_serving};
 
 use super::{output, run_cmd, HANG_TIMEOUT};
 
@@ -41,19 +41,25 @@ fn noise(n: usize) -> Vec<u8> {
     v
 }
 
+/// The run exited 0 and its stdout was exactly `expected`.
+fn exits_zero_printing(out: &std::process::Output, expected: &str) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert_eq!(stdout, expected, "stderr: {stderr}");
+}
+
 #[test]
 fn run_share_reads_writes_and_refuses_writes_to_ro() {
     if !real_guest_available("run_share_reads_writes_and_refuses_writes_to_ro") {
         return;
     }
-    let rw: PathBuf = temp_file("share-rw", "from-host", b"written on the host\n")
-        .parent()
-        .unwrap()
-        .into();
-    let ro: PathBuf = temp_file("share-ro", "ro.txt", b"read-only data\n")
-        .parent()
-        .unwrap()
-        .into();
+    let rw = temp_dir_with("share-rw", "from-host", b"written on the host\n");
+    let ro = temp_dir_with("share-ro", "ro.txt", b"read-only data\n");
     let big = noise(BIG);
     std::fs::write(rw.join("big"), &big).unwrap();
     std::fs::create_dir_all(rw.join("many")).unwrap();
@@ -77,18 +83,10 @@ fn run_share_reads_writes_and_refuses_writes_to_ro() {
         ),
         b"",
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stdout: {stdout}\nstderr: {stderr}"
-    );
-    assert_eq!(
-        stdout,
+    exits_zero_printing(
+        &out,
         "written on the host\nro-refused\nread-only data\nunlinked-size 15\n\
          unlinked-data hello-unlinked\nlisted 10000 found 10000\n",
-        "stderr: {stderr}"
     );
     assert_eq!(
         std::fs::read(rw.join("from-guest")).unwrap(),
@@ -126,10 +124,7 @@ fn run_host_root_runs_a_host_program_in_the_current_directory() {
     if !real_guest_available("run_host_root_runs_a_host_program_in_the_current_directory") {
         return;
     }
-    let cwd: PathBuf = temp_file("host-root", "marker", b"")
-        .parent()
-        .unwrap()
-        .into();
+    let cwd = temp_dir_with("host-root", "marker", b"");
     let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     let py = "import os, platform; \
         open('result.txt', 'w').write(platform.release() + ' ' + os.getcwd() + ' ' + \
@@ -142,14 +137,7 @@ fn run_host_root_runs_a_host_program_in_the_current_directory() {
     let mut cmd = run_bare(&["--host-root"], &["/bin/sh", "-c", &probe]);
     cmd.current_dir(&cwd);
     let out = output(cmd, b"");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stdout: {stdout}\nstderr: {stderr}"
-    );
-    assert_eq!(stdout, "root-ro\ntmp\nproc\n", "stderr: {stderr}");
+    exits_zero_printing(&out, "root-ro\ntmp\nproc\n");
     let result = std::fs::read_to_string(cwd.join("result.txt")).expect("result.txt");
     let (release, rest) = result.split_once(' ').unwrap();
     assert!(

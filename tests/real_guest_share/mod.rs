@@ -3,7 +3,7 @@
 //! fresh daemon the rebooted guest mounts again, and no daemon outlives
 //! minivmm.
 
-use minivmm_tests::{real_guest_available, temp_file, virtiofsd_serving, Qmp};
+use minivmm_tests::{real_guest_available, temp_dir_with, virtiofsd_serving, Qmp};
 use serde_json::json;
 
 use super::{boot_initrd, qmp_socket, BOOT};
@@ -13,10 +13,7 @@ fn plain_vm_share_by_tag_survives_a_reset() {
     if !real_guest_available("plain_vm_share_by_tag_survives_a_reset") {
         return;
     }
-    let dir = temp_file("plain-share", "f", b"share-from-host\n")
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    let dir = temp_dir_with("plain-share", "f", b"share-from-host\n");
     let (sock, q_spec) = qmp_socket("rg-share");
     let share = format!("{}:/unused-in-a-plain-vm", dir.display());
     let agent = format!("unix:{}", sock.with_file_name("share.qga").display());
