@@ -1,4 +1,5 @@
 use std::error::Error;
+use std::ffi::CString;
 
 use devices::bus::BusError;
 use devices::virtio::mmio::VirtioMmioAml;
