@@ -10,12 +10,16 @@
 #         (resources/bench/run_vs_qemu.py);
 #   vmm   one guest in each: spawn to init, spawn to agent, QMP and
 #         guest-ping round trips, agent file read, 16550 console, RSS, and
-#         the guest's dmesg timeline (resources/bench/vmm_vs_qemu.py).
+#         the guest's dmesg timeline (resources/bench/vmm_vs_qemu.py);
+#   fs    a host directory in the guest: minivmm's virtio-fs against QEMU
+#         microvm's vhost-user-fs-device (same virtiofsd) and QEMU's 9p, a
+#         64 MiB read and `find | wc -l` over 10 000 files
+#         (resources/bench/fs_vs_qemu.py).
 #
 # It runs nested (resources/nested-run.sh) where the host has no vmx/svm, so
 # the figures are then those of an L2 guest inside a TCG-emulated L1.
 #
-# Usage: resources/bench.sh [--rounds N] [--no-docs] [--only run|vmm]
+# Usage: resources/bench.sh [--rounds N] [--no-docs] [--only run|vmm|fs]
 #   --rounds N   rounds per comparison (default 5, at least 5 for the docs)
 #   --no-docs    print the results only
 #   --only WHAT  one comparison (implies --no-docs)
@@ -34,16 +38,18 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 [[ "$rounds" =~ ^[1-9][0-9]*$ ]] || { echo "bench: --rounds needs a positive number" >&2; exit 2; }
-[[ "$only" =~ ^(|run|vmm)$ ]] || { echo "bench: --only takes run or vmm" >&2; exit 2; }
+[[ "$only" =~ ^(|run|vmm|fs)$ ]] || { echo "bench: --only takes run, vmm or fs" >&2; exit 2; }
 IMAGES=${MINIVMM_IMAGES:-$PWD/target/images}
 
 if [[ "${MINIVMM_BENCH_INNER:-}" == 1 ]]; then
     # Inside the machine with KVM: one JSON line per comparison, marked.
     echo "MINIVMM-BENCH-MACHINE $(nproc) cpus, $(awk '/MemTotal/ {printf "%d MiB", $2/1024}' /proc/meminfo), kernel $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
     echo "MINIVMM-BENCH-QEMU $(qemu-system-x86_64 --version | head -n1)"
-    [[ "$only" == vmm ]] || echo "MINIVMM-BENCH-RUN $(/usr/bin/python3 resources/bench/run_vs_qemu.py \
+    [[ "$only" =~ ^(|run)$ ]] && echo "MINIVMM-BENCH-RUN $(/usr/bin/python3 resources/bench/run_vs_qemu.py \
         --minivmm target/release/minivmm --images "$IMAGES" --rounds "$rounds")"
-    [[ "$only" == run ]] || echo "MINIVMM-BENCH-VMM $(/usr/bin/python3 resources/bench/vmm_vs_qemu.py \
+    [[ "$only" =~ ^(|vmm)$ ]] && echo "MINIVMM-BENCH-VMM $(/usr/bin/python3 resources/bench/vmm_vs_qemu.py \
+        --minivmm target/release/minivmm --images "$IMAGES" --rounds "$rounds")"
+    [[ "$only" =~ ^(|fs)$ ]] && echo "MINIVMM-BENCH-FS $(/usr/bin/python3 resources/bench/fs_vs_qemu.py \
         --minivmm target/release/minivmm --images "$IMAGES" --rounds "$rounds")"
     exit 0
 fi
@@ -63,7 +69,8 @@ MINIVMM_BENCH_INNER=1 resources/nested-run.sh "$0" --rounds "$rounds" ${only:+--
 field() { sed -n "s/^$1 //p" "$log" | tail -n1; }
 run=$(field MINIVMM-BENCH-RUN)
 vmm=$(field MINIVMM-BENCH-VMM)
-[[ -n "$run$vmm" ]] || { echo "bench: no results" >&2; exit 1; }
+fs=$(field MINIVMM-BENCH-FS)
+[[ -n "$run$vmm$fs" ]] || { echo "bench: no results" >&2; exit 1; }
 machine=$(field MINIVMM-BENCH-MACHINE)
 qemu=$(field MINIVMM-BENCH-QEMU)
 nested=no
@@ -76,6 +83,6 @@ if [[ $rounds -lt 5 ]]; then
     echo "bench: fewer than 5 rounds: docs/PERFORMANCE.md left as it is" >&2
     exit 0
 fi
-/usr/bin/python3 resources/bench/write_docs.py "$run" "$vmm" "$machine" "$qemu" "$nested" \
+/usr/bin/python3 resources/bench/write_docs.py "$run" "$vmm" "$fs" "$machine" "$qemu" "$nested" \
     "$(git describe --always --dirty 2>/dev/null || echo unknown)" >docs/PERFORMANCE.md
 echo "bench: wrote docs/PERFORMANCE.md" >&2

@@ -16,6 +16,9 @@
 #   l1/vmlinuz      Debian generic kernel (what linux-image-amd64 depends on),
 #                   used as the L1 VM kernel by resources/nested-run.sh
 #   l1/initrd.img   busybox + virtio/9p/kvm modules + the L1 /init
+#   generic/agent-initrd.img  the agent initrd for the generic kernel
+#                   (l1/vmlinuz), also carrying its 9p modules (not loaded),
+#                   for the file-sharing benchmark
 #   debs/           apt-get download cache (safe to delete)
 #
 # The build is cached: if every output exists and is newer than this script,
@@ -45,6 +48,13 @@ GUEST_MODULES=(evdev button pvpanic pvpanic-mmio)
 # (`--share`: mount -t virtiofs shareN DIR).
 AGENT_MODULES=(virtio_ring virtio virtio_mmio virtio_console fuse virtiofs)
 
+# Modules the generic kernel's agent image (generic/agent-initrd.img) carries
+# but does not load: 9p over virtio, for the benchmark's comparison with
+# QEMU's 9p (resources/bench/fs_vs_qemu.py loads them; the cloud kernel has
+# no 9p). Those the kernel lacks (or has built in) are skipped.
+UNLOADED_MODULES=()
+GENERIC_UNLOADED_MODULES=(netfs fscache 9pnet 9pnet_virtio 9p)
+
 # Packages unpacked for the agent image: qemu-guest-agent (/usr/sbin/qemu-ga)
 # and the packages holding its shared-library closure (NEEDED entries of
 # qemu-ga: libudev.so.1 libnuma.so.1 liburing.so.2 libglib-2.0.so.0
@@ -66,7 +76,8 @@ case "${1:-}" in
 esac
 
 OUTPUTS=("$OUT/vmlinuz" "$OUT/vmlinux" "$OUT/initrd.img" "$OUT/agent-initrd.img"
-    "$OUT/l1/vmlinuz" "$OUT/l1/initrd.img" "$OUT/modules/modules.dep")
+    "$OUT/l1/vmlinuz" "$OUT/l1/initrd.img" "$OUT/modules/modules.dep"
+    "$OUT/generic/agent-initrd.img")
 
 up_to_date() {
     local f
@@ -466,6 +477,14 @@ build_guest_initrd() {
         install_module "$f" "$root/lib/modules/$m.ko"
         printf '%s\n' "$m" >>"$root/etc/minivmm-modules"
     done
+    if [[ ${#UNLOADED_MODULES[@]} -gt 0 ]]; then
+        for m in "${UNLOADED_MODULES[@]}"; do
+            f=$(find_module "$kdir/lib/modules/$ver" "$m")
+            if [[ -n "$f" ]]; then
+                install_module "$f" "$root/lib/modules/$m.ko"
+            fi
+        done
+    fi
     write_guest_acpid "$root"
     if [[ $agent -eq 1 ]]; then
         install_qga "$root"
@@ -625,6 +644,15 @@ for pkg in "${QGA_PACKAGES[@]}"; do
 done
 rm -rf "$WORK/agent-initrd"
 build_guest_initrd "$WORK/agent-initrd" "$WORK/cloud" "$cloud_ver" "$OUT/agent-initrd.img" 1
+
+# The agent initrd for the generic kernel (l1/vmlinuz), with 9p modules
+# unloaded, for the file-sharing benchmark.
+rm -rf "$WORK/generic-agent-initrd"
+mkdir -p "$OUT/generic"
+UNLOADED_MODULES=("${GENERIC_UNLOADED_MODULES[@]}")
+build_guest_initrd "$WORK/generic-agent-initrd" "$WORK/generic" "$generic_ver" \
+    "$OUT/generic/agent-initrd.img" 1
+UNLOADED_MODULES=()
 
 # L1 kernel + initrd for nested-run.sh.
 cp "$WORK/generic/boot/vmlinuz-$generic_ver" "$OUT/l1/vmlinuz.tmp"

@@ -21,18 +21,19 @@ MEMORY_MIB = 512
 BOUND = 240.0  # one boot or one step, s
 
 
-def qemu_argv(images, append, agent_sock, serial):
+def qemu_argv(images, append, agent_sock, serial, kernel="vmlinuz", initrd="agent-initrd.img"):
     """QEMU microvm with the same kernel, initrd and size as minivmm, the
     serial port on the `serial` chardev or backend, and qemu-ga's port on
     a virtio-serial device (its chardev a socket QEMU serves at
-    `agent_sock`). The caller adds what else it needs."""
+    `agent_sock`). The kernel and initrd are paths below `images`. The
+    caller adds what else it needs."""
     return [
         QEMU, "-M", "microvm,acpi=on,rtc=on,auto-kernel-cmdline=off",
         "-enable-kvm", "-cpu", "host", "-m", str(MEMORY_MIB), "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-serial", serial,
-        "-kernel", os.path.join(images, "vmlinuz"),
-        "-initrd", os.path.join(images, "agent-initrd.img"),
+        "-kernel", os.path.join(images, kernel),
+        "-initrd", os.path.join(images, initrd),
         "-append", append,
         "-device", "virtio-serial-device",
         "-chardev", f"socket,path={agent_sock},server=on,wait=off,id=qga0",

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Writes docs/PERFORMANCE.md (on stdout) from the benchmark's results.
 
-Usage: write_docs.py RUN_JSON VMM_JSON MACHINE QEMU_VERSION NESTED COMMIT
-(RUN_JSON from run_vs_qemu.py, VMM_JSON from vmm_vs_qemu.py.)
+Usage: write_docs.py RUN_JSON VMM_JSON FS_JSON MACHINE QEMU_VERSION NESTED COMMIT
+(RUN_JSON from run_vs_qemu.py, VMM_JSON from vmm_vs_qemu.py, FS_JSON from
+fs_vs_qemu.py.)
 """
 
 import datetime
@@ -83,8 +84,8 @@ def timeline(dmesg, gaps=8):
 
 
 def main():
-    run, vmm, machine, qemu, nested, commit = sys.argv[1:]
-    r, v = json.loads(run), json.loads(vmm)
+    run, vmm, fs, machine, qemu, nested, commit = sys.argv[1:]
+    r, v, f = json.loads(run), json.loads(vmm), json.loads(fs)
     m, q = r["minivmm"], r["qemu"]
     print(f"""# Performance
 
@@ -185,6 +186,45 @@ agent after boot, so printing them cost the boot nothing):
 The same for QEMU:
 """)
     print("\n".join(timeline(v["qemu"]["dmesg"])))
+    file_sharing(f)
+
+
+def file_sharing(f):
+    """The host-directory section: minivmm's virtio-fs, QEMU's, QEMU's 9p."""
+    print(f"""
+## Host directories: virtio-fs against QEMU's virtio-fs and 9p
+
+{f['rounds']} rounds, rotating which goes first, after one warm-up round of
+each; medians (min–max), timed in the guest with its own clock. Goal
+(issue 11): minivmm ≥ 1.0× QEMU's virtio-fs.
+
+| job | minivmm virtio-fs | QEMU virtio-fs | QEMU 9p | minivmm / QEMU virtio-fs | minivmm / QEMU 9p |
+|---|---|---|---|---|---|""")
+    rows = (("read", f"read a {f['big_mib']} MiB file (`dd bs=1M`)", "MB/s"),
+            ("find", f"`find | wc -l` over {f['entries']} entries", "entries/s"))
+    for m, label, unit in rows:
+        cells = []
+        for c in ("minivmm", "qemu-virtiofs", "qemu-9p"):
+            s = f[c][m]
+            cells.append(f"{s['median']:.1f} {unit} ({s['min']:.1f}–{s['max']:.1f})")
+        rv, r9 = f[f"{m}_ratio_virtiofs"], f[f"{m}_ratio_9p"]
+        goal = "met" if rv >= 1.0 else "not met"
+        print(f"| {label} | {' | '.join(cells)} | {rv:.2f} (≥ 1.0: {goal}) | {r9:.2f} |")
+    fa = f.get("failed_attempts", {})
+    print(f"""
+Method (`resources/bench/fs_vs_qemu.py`): one host directory with a
+{f['big_mib']} MiB file of random bytes and 100 directories of 100 small files.
+Each configuration boots the agent initrd (1 vcpu, 512 MiB) and runs one
+shell script through qemu-ga's `guest-exec`: mount the tag `share0`, then
+`dd` the big file to /dev/null and `find` the small ones, on a cold guest
+page cache (a fresh boot each round), checking the size read and the count
+found. minivmm: `--share DIR:/mnt` (its own virtiofsd, `cache=auto`).
+QEMU virtio-fs: `-M microvm,memory-backend=mem` with `-object
+memory-backend-memfd,id=mem,share=on` and `-device vhost-user-fs-device`,
+served by the same virtiofsd with the same options. QEMU 9p: `-fsdev
+local,security_model=none` and `-device virtio-9p-device`, mounted with
+`{f['p9_options']}`. Failed attempts (a round run again):
+{', '.join(f'{k} {v}' for k, v in fa.items())}.""")
 
 
 if __name__ == "__main__":

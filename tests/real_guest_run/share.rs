@@ -153,3 +153,83 @@ fn run_host_root_runs_a_host_program_in_the_current_directory() {
     );
     let _ = std::fs::remove_dir_all(&cwd);
 }
+
+#[test]
+fn run_share_whose_daemon_dies_gives_io_errors_then_a_vm_error() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::Stdio;
+    if !real_guest_available("run_share_whose_daemon_dies_gives_io_errors_then_a_vm_error") {
+        return;
+    }
+    let dir = temp_dir_with("share-dies", "a", b"first\n");
+    std::fs::write(dir.join("b"), b"second\n").unwrap();
+    let result_file = dir.with_extension("json");
+    let spec = format!("{}:/mnt", dir.display());
+    // /mnt/b is not looked up before the daemon is gone.
+    let script = "cat /mnt/a; read line; \
+        if cat /mnt/b; then echo read-b; else echo b-failed; fi; echo still-running";
+    let mut child = run_cmd(
+        &[
+            "--share",
+            &spec,
+            "--result",
+            &result_file.display().to_string(),
+        ],
+        &["sh", "-c", script],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert_eq!(first, "first\n", "the share works before");
+    let daemons = virtiofsd_serving(&dir);
+    assert!(!daemons.is_empty(), "a virtiofsd serves the share");
+    for d in &daemons {
+        let pid: i32 = d.split(' ').next().unwrap().parse().unwrap();
+        // SAFETY: kill(2) on a virtiofsd minivmm started for this test's share.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let st = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(
+        rest, "b-failed\nstill-running\n",
+        "I/O errors, and the command goes on; stderr: {err}"
+    );
+    assert!(err.contains("I/O error"), "the guest's cat says why: {err}");
+    assert_eq!(
+        err.matches("virtiofsd ended").count(),
+        1,
+        "minivmm logs the loss once: {err}"
+    );
+    assert_eq!(st.code(), Some(125), "stderr: {err}");
+    assert!(
+        err.contains("the virtiofsd of share0 ended"),
+        "the verdict names the share: {err}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&result_file).expect("result file")).unwrap();
+    assert_eq!(v["verdict"], "vm-error", "{v}");
+    assert_eq!(v["command_status"], 0, "{v}");
+    assert_eq!(
+        virtiofsd_serving(&dir),
+        Vec::<String>::new(),
+        "no daemon left"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&result_file);
+}

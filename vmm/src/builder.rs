@@ -268,7 +268,7 @@ pub struct Vm {
     agent_port: Option<AgentPort>,
     hvc_port: Option<HvcPort>,
     /// The `--share` devices; their daemons stop when the VM goes.
-    _fs_ports: Vec<crate::share::FsPort>,
+    fs_ports: Vec<crate::share::FsPort>,
     vm_fd: VmFd,
     _memory: GuestMemoryMmap,
     power_button: PowerButton,
@@ -336,6 +336,11 @@ impl Vm {
     /// The guest-agent port, when the VM has one.
     pub fn agent_port(&self) -> Option<&AgentPort> {
         self.agent_port.as_ref()
+    }
+
+    /// The `--share` devices (their daemons stop when the VM goes).
+    pub fn fs_ports(&self) -> &[crate::share::FsPort] {
+        &self.fs_ports
     }
 
     /// The virtio console, when the VM has one.
@@ -534,7 +539,7 @@ pub fn build_vm(cfg: &VmConfig, b: &Persistent, paused: bool) -> Result<Vm, Buil
         vcpus,
         agent_port: devices.agent_port,
         hvc_port: devices.hvc_port,
-        _fs_ports: fs_ports,
+        fs_ports,
         vm_fd: vm,
         _memory: mem,
         power_button: devices.power_button,

@@ -29,6 +29,7 @@ pub use crate::machine::Outcome;
 use crate::qmp_event::QmpEvent;
 use crate::run::link::{RunLink, RunReport};
 use crate::runtime::{self, Runtime};
+use crate::share::link::ShareLink;
 use crate::terminal::RawTerminal;
 use crate::vcpu::{self, VcpuEvents};
 
@@ -206,6 +207,7 @@ struct Io {
     agent: Option<AgentLink>,
     run: Option<RunLink>,
     hvc: Option<HvcLink>,
+    shares: ShareLink,
 }
 
 impl Io {
@@ -232,6 +234,7 @@ impl Io {
             if let Some(hvc) = &mut self.hvc {
                 hvc.follow(em, rt);
             }
+            self.shares.follow(em, rt);
             let events = rt.take_events();
             if let Some(m) = &self.qmp {
                 let mut server = m.server.borrow_mut();
@@ -390,6 +393,7 @@ pub fn run_vm(
         agent,
         run,
         hvc,
+        shares: ShareLink::default(),
     };
     // Attach what follows the VM (the virtio-console port's queues) before the
     // first wait: nothing else may wake the loop until the guest needs them.
@@ -439,6 +443,7 @@ pub fn run_vm(
     let report = io.run.map(|r| {
         let mut report = r.finish();
         report.vcpus = registers;
+        report.shares_lost = io.shares.lost();
         if let Some(tail) = &serial_tail {
             report.console = tail.lock().unwrap_or_else(|e| e.into_inner()).lines();
         }
@@ -539,6 +544,7 @@ mod tests {
             agent: None,
             run: None,
             hvc: None,
+            shares: ShareLink::default(),
         };
         for round in 0..20 {
             let inputs = [Input::Stop, Input::Cont, Input::SystemReset];

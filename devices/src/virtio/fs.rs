@@ -11,6 +11,9 @@
 //! reads "used ring", as it cannot be set on the way (the guest then checks
 //! its queues, which costs nothing when they are empty).
 //!
+//! When the backend dies, the device answers the guest itself: every request
+//! fails with EIO ([`orphan`]).
+//!
 //! Queues: 0 high priority (FUSE_INTERRUPT, FORGET), 1 the one request queue.
 //! Configuration: the tag (36 bytes, NUL padded) and the number of request
 //! queues.
@@ -25,6 +28,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{DeviceFailure, QueueContext, VirtioDevice};
 use virtio_queue::QueueT;
 
+pub mod orphan;
+use orphan::Orphan;
+
 /// Virtio device id of a file system.
 pub const VIRTIO_ID_FS: u32 = 26;
 /// The longest tag the configuration space holds.
@@ -38,6 +44,8 @@ const PASSED_FEATURES: u64 = (1 << 28) | (1 << 29) | (1 << 32);
 const QUEUE_SIZE: u16 = 1024;
 const QUEUES: usize = 2;
 const REQUEST_QUEUES: u32 = 1;
+/// The event-index feature (`VIRTIO_RING_F_EVENT_IDX`).
+const EVENT_IDX: u64 = 1 << 29;
 
 /// The backend refused the setup or broke the connection.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +72,12 @@ pub struct VhostUserFs {
     irqfd: Option<EventFd>,
     /// Queues the backend was given (stopped on reset).
     started: Vec<usize>,
+    /// The features the driver took.
+    negotiated: u64,
+    /// Signalled when the backend's process ended unasked.
+    exit_evt: Option<EventFd>,
+    /// Set once the backend is gone: the device answers the guest itself.
+    orphan: Option<Orphan>,
     /// What keeps the backend alive (the daemon's process), dropped with the
     /// device.
     _owner: Option<Box<dyn Send>>,
@@ -75,6 +89,7 @@ impl std::fmt::Debug for VhostUserFs {
             .field("tag", &self.tag)
             .field("backend_features", &self.backend_features)
             .field("started", &self.started)
+            .field("orphan", &self.orphan)
             .finish()
     }
 }
@@ -93,8 +108,38 @@ impl VhostUserFs {
             kicks: Vec::new(),
             irqfd: None,
             started: Vec::new(),
+            negotiated: 0,
+            exit_evt: None,
+            orphan: None,
             _owner: None,
         })
+    }
+
+    /// Keeps `evt`, which says the backend's process ended (see
+    /// [`VhostUserFs::backend_exit`]).
+    pub fn on_backend_exit(mut self, evt: EventFd) -> Self {
+        self.exit_evt = Some(evt);
+        self
+    }
+
+    /// The eventfd signalled when the backend ended unasked: the VMM then calls
+    /// [`VhostUserFs::backend_gone`] and serves the queues' eventfds itself.
+    pub fn backend_exit(&self) -> Option<&EventFd> {
+        self.exit_evt.as_ref()
+    }
+
+    /// The backend is gone: from now on the device answers every request on
+    /// its queues with EIO (the VMM must process the queues' notifications).
+    pub fn backend_gone(&mut self) {
+        if self.orphan.is_none() {
+            self.orphan = Some(Orphan::new(QUEUES));
+            self.started.clear();
+        }
+    }
+
+    /// Whether the backend is gone.
+    pub fn orphaned(&self) -> bool {
+        self.orphan.is_some()
     }
 
     /// Keeps `owner` (e.g. the daemon's process) as long as the device.
@@ -154,6 +199,15 @@ impl VirtioDevice for VhostUserFs {
     }
 
     fn activate(&mut self, features: u64, ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
+        self.negotiated = features;
+        if let Some(o) = &mut self.orphan {
+            // No backend to tell: the device answers on fresh rings.
+            for q in ctx.queues.iter_mut() {
+                q.set_event_idx(features & EVENT_IDX != 0);
+            }
+            o.activated();
+            return Ok(());
+        }
         let (Some(irqfd), true) = (&self.irqfd, self.kicks.len() == QUEUES) else {
             return Err(DeviceFailure(format!(
                 "{}: the transport's eventfds are missing",
@@ -210,18 +264,32 @@ impl VirtioDevice for VhostUserFs {
         Ok(())
     }
 
-    fn process_queue(
-        &mut self,
-        index: usize,
-        _ctx: &mut QueueContext,
-    ) -> Result<(), DeviceFailure> {
-        // The backend watches the queues' eventfds; nothing to do here.
-        log::debug!("{}: queue {index} notified through the VMM", self.tag);
-        Ok(())
+    fn process_queue(&mut self, index: usize, ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
+        match &mut self.orphan {
+            Some(o) => o.process(index, ctx, self.negotiated & EVENT_IDX != 0),
+            None => {
+                // The backend watches the queues' eventfds; nothing to do here.
+                log::debug!("{}: queue {index} notified through the VMM", self.tag);
+                Ok(())
+            }
+        }
     }
 
     fn reset(&mut self) {
-        self.stop_rings();
+        match &mut self.orphan {
+            Some(o) => o.reset(),
+            None => self.stop_rings(),
+        }
+    }
+
+    fn report(&self) -> Option<String> {
+        Some(match &self.orphan {
+            Some(o) => format!(
+                "backend gone: {} requests answered with EIO by the device",
+                o.answered
+            ),
+            None => format!("served by the backend (queues {:?})", self.started),
+        })
     }
 }
 

@@ -1,7 +1,7 @@
 //! A guest driver for device tests: virtio-queue's mock split queues in test
 //! memory, buffers offered and sent, used entries read back.
 
-use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
@@ -70,6 +70,45 @@ impl<'a> Guest<'a> {
         let at = self.next_desc[q];
         self.mocks[q].add_desc_chains(&[d], at).unwrap();
         self.next_desc[q] += 1;
+    }
+
+    /// Makes one chain available on queue `q`: `request` in a readable buffer,
+    /// then a writable one of `reply_len` bytes (none if 0); returns the head
+    /// and the writable buffer's address.
+    pub fn request(&mut self, q: usize, request: &[u8], reply_len: u32) -> (u16, u64) {
+        let a = self.alloc(request.len() as u32);
+        self.mem.write_slice(request, GuestAddress(a)).unwrap();
+        let head = self.next_desc[q];
+        let mut descs = vec![(a, request.len() as u32, false)];
+        let r = self.alloc(reply_len);
+        if reply_len > 0 {
+            descs.push((r, reply_len, true));
+        }
+        let n = descs.len() as u16;
+        let raw: Vec<_> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, write))| {
+                let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+                let mut next = 0;
+                if (i as u16) + 1 < n {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                    next = head + i as u16 + 1;
+                }
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+            })
+            .collect();
+        self.mocks[q].add_desc_chains(&raw, head).unwrap();
+        self.next_desc[q] += n;
+        (head, r)
+    }
+
+    /// Plays a device that used the next `n` chains of queue `q` elsewhere
+    /// (another process): the used index moves on, the entries are not read.
+    pub fn used_elsewhere(&mut self, q: usize, n: u16) {
+        let idx = self.mocks[q].used().idx().load().wrapping_add(n);
+        self.mocks[q].used().idx().store(idx);
+        self.used_seen[q] = idx;
     }
 
     /// Offers a writable buffer of `len` bytes on queue `q`; returns its address.

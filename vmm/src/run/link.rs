@@ -52,6 +52,8 @@ pub struct RunReport {
     pub broken: Option<String>,
     /// Where the vcpus were when `--timeout` stopped them.
     pub vcpus: Vec<crate::vcpu::VcpuRegisters>,
+    /// The shares whose virtiofsd ended unasked, one line each.
+    pub shares_lost: Vec<String>,
 }
 
 /// State shared with the wake-up subscriber.

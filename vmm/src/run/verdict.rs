@@ -76,8 +76,33 @@ impl Ending {
 }
 
 /// The verdict for a VM that ended with `outcome` after the channel reported
-/// `report`.
+/// `report`. A share whose daemon ended while the command ran makes the
+/// command's end untrustworthy (it got I/O errors on that share): the VM
+/// failed, whatever the command's status (kept in the result).
 pub fn ending(outcome: &Outcome, report: &RunReport) -> Ending {
+    let end = ending_of(outcome, report);
+    match (end.verdict, report.shares_lost.first()) {
+        (
+            Verdict::Exited | Verdict::Signaled | Verdict::NotFound | Verdict::NotExecutable,
+            Some(lost),
+        ) => {
+            let what = match (end.command_status, end.signal) {
+                (Some(c), _) => format!("the command exited {c}"),
+                (_, Some(n)) => format!("the command was killed by signal {n}"),
+                _ => end.message.clone().unwrap_or_default(),
+            };
+            Ending {
+                verdict: Verdict::VmError,
+                status: 125,
+                message: Some(format!("{lost} while the command ran; {what}")),
+                ..end
+            }
+        }
+        _ => end,
+    }
+}
+
+fn ending_of(outcome: &Outcome, report: &RunReport) -> Ending {
     let never_started = report.ready_at.is_none();
     match outcome {
         Outcome::CommandEnded => match report.ended.as_ref().map(|(_, e)| e) {
@@ -295,5 +320,32 @@ mod tests {
             describe_vcpus(&rep.vcpus),
             ["vcpu0: rip=0xffffffff81000000 rsp=0x1000"]
         );
+    }
+
+    #[test]
+    fn a_share_lost_while_the_command_ran_is_a_vm_error() {
+        let lost = "the virtiofsd of share0 ended (the guest got I/O errors on that share)";
+        let mut rep = ended(Exit::Exited(1));
+        rep.shares_lost = vec![lost.to_string()];
+        let e = ending(&Outcome::CommandEnded, &rep);
+        assert_eq!(
+            (e.verdict, e.status, e.command_status),
+            (Verdict::VmError, 125, Some(1)),
+            "the command's own status is kept for the result file"
+        );
+        assert_eq!(
+            e.message.as_deref(),
+            Some(format!("{lost} while the command ran; the command exited 1").as_str())
+        );
+        let mut rep = ended(Exit::Signaled(9));
+        rep.shares_lost = vec![lost.to_string()];
+        let e = ending(&Outcome::CommandEnded, &rep);
+        assert_eq!((e.verdict, e.signal), (Verdict::VmError, Some(9)));
+        // What already says the VM failed or timed out stays as it is.
+        assert_eq!(ending(&Outcome::Timeout(5), &rep).verdict, Verdict::Timeout);
+        assert_eq!(ending(&Outcome::Panicked, &rep).verdict, Verdict::Panic);
+        // Without a lost share nothing changes.
+        let e = ending(&Outcome::CommandEnded, &ended(Exit::Exited(1)));
+        assert_eq!((e.verdict, e.status), (Verdict::Exited, 1));
     }
 }

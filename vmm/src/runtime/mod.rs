@@ -202,6 +202,16 @@ impl Runtime {
         Some((self.machine.generation(), port))
     }
 
+    /// The current VM's `--share` devices, with the VM's generation (None
+    /// without a VM or without shares).
+    pub fn fs_ports(&self) -> Option<(u64, Vec<crate::share::FsPort>)> {
+        let ports = self.vm.as_ref()?.fs_ports();
+        if ports.is_empty() {
+            return None;
+        }
+        Some((self.machine.generation(), ports.to_vec()))
+    }
+
     /// Stops the vcpus, releases the VM, writes out the console (waiting at most
     /// [`OUTPUT_DRAIN`]; what could not be written is reported on stderr); says
     /// how it ended.

@@ -31,6 +31,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
 use super::ShareSpec;
 
 /// The descriptor number of the listening socket in the daemon.
@@ -142,6 +144,8 @@ pub struct Virtiofsd {
     tail: Arc<Mutex<VecDeque<String>>>,
     stopping: Arc<AtomicBool>,
     reader: Option<std::thread::JoinHandle<()>>,
+    /// Signalled when the daemon ended unasked.
+    exited: EventFd,
 }
 
 impl std::fmt::Debug for Virtiofsd {
@@ -216,11 +220,13 @@ impl Virtiofsd {
         drop(listener);
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let stopping = Arc::new(AtomicBool::new(false));
+        let exited = EventFd::new(EFD_NONBLOCK).map_err(socket_err)?;
+        let told = exited.try_clone().map_err(socket_err)?;
         let reader = child.stderr.take().and_then(|err| {
             let (tail, stopping, t) = (tail.clone(), stopping.clone(), tag.to_string());
             std::thread::Builder::new()
                 .name(format!("virtiofsd-{tag}"))
-                .spawn(move || watch_output(err, &t, &tail, &stopping))
+                .spawn(move || watch_output(err, &t, &tail, &stopping, &told))
                 .map_err(|e| log::warn!("{tag}: virtiofsd's output is not read: {e}"))
                 .ok()
         });
@@ -231,6 +237,7 @@ impl Virtiofsd {
             tail,
             stopping,
             reader,
+            exited,
         };
         let connected = UnixStream::connect_addr(&addr)
             .and_then(|s| s.set_read_timeout(Some(REPLY_TIMEOUT)).map(|()| s));
@@ -249,6 +256,12 @@ impl Virtiofsd {
     /// The share's tag.
     pub fn tag(&self) -> &str {
         &self.tag
+    }
+
+    /// An eventfd signalled when the daemon ends unasked (not when minivmm
+    /// stops it).
+    pub fn exit_evt(&self) -> io::Result<EventFd> {
+        self.exited.try_clone()
     }
 
     /// The daemon's process id.
@@ -455,12 +468,14 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
     out
 }
 
-/// Reads the daemon's output until it ends; logs an end nobody asked for.
+/// Reads the daemon's output until it ends; logs an end nobody asked for and
+/// signals `exited`.
 fn watch_output(
     err: std::process::ChildStderr,
     tag: &str,
     tail: &Mutex<VecDeque<String>>,
     stopping: &AtomicBool,
+    exited: &EventFd,
 ) {
     for line in BufReader::new(err).lines() {
         let Ok(line) = line else { break };
@@ -478,6 +493,9 @@ fn watch_output(
             "{tag}: virtiofsd ended; the guest gets I/O errors on this share (its last output: {})",
             if last.is_empty() { "none" } else { &last }
         );
+        if let Err(e) = exited.write(1) {
+            log::error!("{tag}: cannot tell the VMM virtiofsd ended: {e}");
+        }
     }
 }
 

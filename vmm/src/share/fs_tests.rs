@@ -3,7 +3,8 @@
 //! transport's registers as Linux's driver does, with FUSE requests written
 //! into shared guest memory. Proves the memory table, the rings, the kick
 //! (the transport's queue eventfd, read only by the daemon) and the
-//! interrupt (the daemon writes the irqfd itself).
+//! interrupt (the daemon writes the irqfd itself); then the daemon's death
+//! signalled and the device answering with EIO in its place.
 
 use std::os::fd::AsRawFd;
 use std::time::Duration;
@@ -70,13 +71,30 @@ fn bring_up(t: &mut Fs) {
 
 /// A FUSE request (header + `body`) and room for `reply` bytes, as the
 /// `n`-th chain of the request queue; returns the reply once the daemon
-/// signalled the interrupt.
+/// signalled the interrupt, asserting it succeeded.
 fn request(
+    dev: (&mut Fs, &GuestMemoryMmap, &EventFd),
+    n: u16,
+    op: (u32, u64),
+    body: &[u8],
+    reply: u32,
+) -> Vec<u8> {
+    let out = request_raw(dev, n, op, body, reply, false);
+    let error = i32::from_le_bytes(out[4..8].try_into().unwrap());
+    assert_eq!(error, 0, "FUSE opcode {} failed", op.0);
+    out
+}
+
+/// As [`request`], whatever the reply's error; with `orphaned` the VMM's
+/// part is played (the device itself processes the queue, as the VMM makes
+/// it once the daemon is gone) instead of the kick only the daemon reads.
+fn request_raw(
     (t, mem, irq): (&mut Fs, &GuestMemoryMmap, &EventFd),
     n: u16,
     (opcode, nodeid): (u32, u64),
     body: &[u8],
     reply: u32,
+    orphaned: bool,
 ) -> Vec<u8> {
     let unique = 100 + u64::from(n);
     let mut req = Vec::new();
@@ -104,7 +122,11 @@ fn request(
     mem.write_obj(d0 as u16, GuestAddress(avail + 4 + 2 * u64::from(n)))
         .unwrap();
     mem.write_obj(n + 1, GuestAddress(avail + 2)).unwrap();
-    t.queue_evts()[1].write(1).unwrap();
+    if orphaned {
+        t.notify(1);
+    } else {
+        t.queue_evts()[1].write(1).unwrap();
+    }
     // Interrupts until the daemon used the chain (it may signal once more
     // than that, e.g. when the ring is set up), within 10 s.
     let used = base + 0x2000;
@@ -135,15 +157,14 @@ fn request(
     assert_eq!(u64::from(id), d0);
     let mut out = vec![0u8; len as usize];
     mem.read_slice(&mut out, GuestAddress(resp_at)).unwrap();
-    let error = i32::from_le_bytes(out[4..8].try_into().unwrap());
-    assert_eq!(error, 0, "FUSE opcode {opcode} failed");
     assert_eq!(u64::from_le_bytes(out[8..16].try_into().unwrap()), unique);
     out
 }
 
 #[test]
-fn the_daemon_serves_fuse_requests_through_the_rings() {
-    let Some(bin) = test_virtiofsd("the_daemon_serves_fuse_requests_through_the_rings") else {
+fn the_daemon_serves_fuse_requests_then_its_end_becomes_eio() {
+    let Some(bin) = test_virtiofsd("the_daemon_serves_fuse_requests_then_its_end_becomes_eio")
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -188,6 +209,37 @@ fn the_daemon_serves_fuse_requests_through_the_rings() {
     );
     let size = u64::from_le_bytes(out[16 + 48..16 + 56].try_into().unwrap());
     assert_eq!(size, 16, "the host file's size");
+
+    // The daemon dies: its exit is signalled, and once the VMM hands the
+    // queue to the device, the next request fails with EIO.
+    let exit = t.device().backend_exit().unwrap().try_clone().unwrap();
+    for d in minivmm_tests::virtiofsd_serving(dir.path()) {
+        let pid: i32 = d.split(' ').next().unwrap().parse().unwrap();
+        // SAFETY: kill(2) on the virtiofsd this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let mut pfd = libc::pollfd {
+        fd: exit.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+    assert_eq!(ready, 1, "the daemon's end is signalled within 10 s");
+    t.device_mut().backend_gone();
+    let out = request_raw(
+        (&mut t, &mem, &irq),
+        2,
+        (FUSE_LOOKUP, 1),
+        b"hello.txt\0",
+        16 + 128,
+        true,
+    );
+    assert_eq!(
+        i32::from_le_bytes(out[4..8].try_into().unwrap()),
+        -libc::EIO,
+        "the device answers in the daemon's place"
+    );
 
     // A driver reset stops the rings; the device can be brought up again.
     w(&mut t, VIRTIO_MMIO_STATUS, 0);

@@ -10,6 +10,7 @@
 //! virtio-fs device with the tag `shareN`: `mount -t virtiofs share0 /mnt`.
 
 pub mod daemon;
+pub mod link;
 
 use std::path::{Path, PathBuf};
 
@@ -188,7 +189,13 @@ pub fn start_shares(shares: &[ShareSpec], d: &Daemon) -> Result<Vec<VhostUserFs>
                     daemon.pid(),
                     if spec.read_only { ", read-only" } else { "" }
                 );
-                devs.push(fs.keep_alive(Box::new(daemon)));
+                let exited = daemon
+                    .exit_evt()
+                    .map_err(|source| daemon::DaemonError::Socket {
+                        tag: tag.clone(),
+                        source,
+                    })?;
+                devs.push(fs.on_backend_exit(exited).keep_alive(Box::new(daemon)));
             }
             Err(e) => {
                 return Err(ShareError::Backend {

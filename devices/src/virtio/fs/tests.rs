@@ -96,3 +96,109 @@ fn activation_needs_shareable_guest_memory() {
     let e = fs.activate(1 << 32, &mut g.ctx()).unwrap_err();
     assert!(e.0.contains("cannot be shared"), "{}", e.0);
 }
+
+/// A FUSE request header (`struct fuse_in_header`, 40 bytes) for `unique`.
+fn fuse_request(opcode: u32, unique: u64) -> Vec<u8> {
+    let mut h = vec![0u8; 40];
+    h[0..4].copy_from_slice(&40u32.to_le_bytes());
+    h[4..8].copy_from_slice(&opcode.to_le_bytes());
+    h[8..16].copy_from_slice(&unique.to_le_bytes());
+    h
+}
+
+/// An orphaned device over a backend that is already gone.
+fn orphaned() -> VhostUserFs {
+    let (stream, _backend) = fake_backend(1 << 32);
+    let mut fs = VhostUserFs::new("share0", stream).unwrap();
+    assert!(!fs.orphaned());
+    fs.backend_gone();
+    assert!(fs.orphaned());
+    fs
+}
+
+#[test]
+fn without_its_backend_the_device_answers_every_request_with_eio() {
+    let mut fs = orphaned();
+    let m = mem();
+    let mut g = Guest::with_queues(&m, 2);
+    fs.activate(1 << 32, &mut g.ctx()).unwrap();
+    // FUSE_LOOKUP (1) on the request queue, FUSE_FORGET (2) on hiprio.
+    let (head, reply) = g.request(1, &fuse_request(1, 0x1234_5678_9abc), 64);
+    let (forget, _) = g.request(0, &fuse_request(2, 7), 0);
+    fs.process_queue(1, &mut g.ctx()).unwrap();
+    fs.process_queue(0, &mut g.ctx()).unwrap();
+    assert_eq!(g.used(1), vec![(u32::from(head), 16)]);
+    let out = g.read(reply, 16);
+    assert_eq!(u32::from_le_bytes(out[0..4].try_into().unwrap()), 16);
+    assert_eq!(
+        i32::from_le_bytes(out[4..8].try_into().unwrap()),
+        -libc::EIO
+    );
+    assert_eq!(
+        u64::from_le_bytes(out[8..16].try_into().unwrap()),
+        0x1234_5678_9abc,
+        "the reply names the request"
+    );
+    assert_eq!(
+        g.used(0),
+        vec![(u32::from(forget), 0)],
+        "FORGET gets no reply"
+    );
+    assert!(g.interrupt.status() & crate::virtio::INT_VRING != 0);
+    assert!(fs
+        .report()
+        .unwrap()
+        .contains("2 requests answered with EIO"));
+}
+
+#[test]
+fn the_takeover_starts_where_the_backend_left_the_used_ring() {
+    let (stream, _backend) = fake_backend(1 << 32);
+    let mut fs = VhostUserFs::new("share0", stream).unwrap();
+    let m = mem();
+    let mut g = Guest::with_queues(&m, 2);
+    // Two requests; the backend answered the first, then died.
+    let (_, first_reply) = g.request(1, &fuse_request(1, 1), 64);
+    let (second, second_reply) = g.request(1, &fuse_request(1, 2), 64);
+    g.used_elsewhere(1, 1);
+    fs.backend_gone();
+    fs.process_queue(1, &mut g.ctx()).unwrap();
+    assert_eq!(g.used(1), vec![(u32::from(second), 16)], "only the second");
+    assert_eq!(
+        g.read(first_reply, 16),
+        vec![0; 16],
+        "the first is left alone"
+    );
+    assert_eq!(
+        u64::from_le_bytes(g.read(second_reply, 16)[8..16].try_into().unwrap()),
+        2
+    );
+    // A request made after the takeover is answered too.
+    let (third, _) = g.request(1, &fuse_request(1, 3), 64);
+    fs.process_queue(1, &mut g.ctx()).unwrap();
+    assert_eq!(g.used(1), vec![(u32::from(third), 16)]);
+}
+
+#[test]
+fn an_orphaned_device_survives_a_reset_and_answers_on_the_new_rings() {
+    let mut fs = orphaned();
+    fs.reset();
+    let m = mem();
+    let mut g = Guest::with_queues(&m, 2);
+    fs.activate((1 << 32) | (1 << 29), &mut g.ctx()).unwrap();
+    let (head, _) = g.request(1, &fuse_request(1, 9), 16);
+    fs.process_queue(1, &mut g.ctx()).unwrap();
+    assert_eq!(g.used(1), vec![(u32::from(head), 16)]);
+}
+
+#[test]
+fn a_request_with_a_tiny_or_no_reply_buffer_gets_what_fits() {
+    let mut fs = orphaned();
+    let m = mem();
+    let mut g = Guest::with_queues(&m, 2);
+    fs.activate(1 << 32, &mut g.ctx()).unwrap();
+    let (a, _) = g.request(1, &fuse_request(1, 1), 4);
+    let (b, _) = g.request(1, &[1, 2, 3], 0);
+    fs.process_queue(1, &mut g.ctx()).unwrap();
+    assert_eq!(g.used(1), vec![(u32::from(a), 4), (u32::from(b), 0)]);
+}
