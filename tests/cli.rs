@@ -347,7 +347,32 @@ fn run_bad_inputs_are_one_clear_line_each() {
     std::fs::write(tree.join("modules.dep"), "kernel/other.ko:\n").unwrap();
     std::fs::write(tree.join("kernel/other.ko"), b"").unwrap();
     let tree = tree.display().to_string();
+    // A kernel with the channel built in but no virtiofs, asked for a share.
+    let builtin = dir.join("modules-builtin");
+    std::fs::create_dir_all(&builtin).unwrap();
+    std::fs::write(builtin.join("modules.dep"), "").unwrap();
+    std::fs::write(
+        builtin.join("modules.builtin"),
+        "kernel/drivers/virtio/virtio_mmio.ko\nkernel/drivers/char/virtio_console.ko\n",
+    )
+    .unwrap();
+    let builtin = builtin.display().to_string();
+    let share = format!("{}:/mnt", dir.display());
     let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "run",
+                "--kernel",
+                &k,
+                "--modules",
+                &builtin,
+                "--share",
+                &share,
+                "--",
+                "true",
+            ],
+            "CONFIG_VIRTIO_FS",
+        ),
         (
             vec!["run", "--kernel", "/nonexistent/vmlinuz", "--", "true"],
             "/nonexistent/vmlinuz",

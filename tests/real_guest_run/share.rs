@@ -233,3 +233,68 @@ fn run_share_whose_daemon_dies_gives_io_errors_then_a_vm_error() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&result_file);
 }
+
+/// Starts `minivmm run --share DIR:/mnt` with `extra` flags running `script`
+/// and waits until the command printed `first` (it read the share).
+fn running_on_a_share(dir: &Path, extra: &[&str], script: &str) -> std::process::Child {
+    use std::io::Read;
+    use std::process::Stdio;
+    let spec = format!("{}:/mnt", dir.display());
+    let mut args = vec!["--share", spec.as_str()];
+    args.extend_from_slice(extra);
+    let mut child = run_cmd(&args, &["sh", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 6];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    assert_eq!(&first, b"first\n", "the command read the share");
+    assert!(!virtiofsd_serving(dir).is_empty(), "a daemon serves it");
+    child
+}
+
+#[test]
+fn run_share_daemons_are_gone_after_a_signal_and_a_timeout() {
+    if !real_guest_available("run_share_daemons_are_gone_after_a_signal_and_a_timeout") {
+        return;
+    }
+    let dir = temp_dir_with("share-ends", "a", b"first\n");
+    let script = "cat /mnt/a; exec sleep 600";
+
+    // SIGTERM to minivmm while the command runs.
+    let child = running_on_a_share(&dir, &[], script);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        virtiofsd_serving(&dir),
+        Vec::<String>::new(),
+        "none after SIGTERM"
+    );
+
+    // --timeout while the command runs (long enough for a nested boot).
+    let child = running_on_a_share(&dir, &["--timeout", "40"], script);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(124), "stderr: {err}");
+    assert!(err.contains("expired while the command ran"), "{err}");
+    assert_eq!(
+        virtiofsd_serving(&dir),
+        Vec::<String>::new(),
+        "none after --timeout"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
