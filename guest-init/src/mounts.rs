@@ -116,19 +116,10 @@ fn mount(m: &Mount) -> io::Result<()> {
     if is_mountpoint(target) || (m.keep_contents && has_entries(target)) {
         return Ok(());
     }
-    let c_target = CString::new(m.target)?;
-    // SAFETY: all strings are valid and NUL-terminated; mount copies them.
-    let rc = unsafe {
-        libc::mount(
-            m.fstype.as_ptr(),
-            c_target.as_ptr(),
-            m.fstype.as_ptr(),
-            m.flags,
-            m.data.as_ptr().cast(),
-        )
-    };
-    match cvt(rc) {
-        Ok(_) => Ok(()),
+    // The source is the file system's name, as `mount -t proc proc` does.
+    let source = m.fstype.to_str().unwrap_or("none");
+    match sys_mount(source, target, m.fstype, m.flags, m.data) {
+        Ok(()) => Ok(()),
         // Something is mounted there already.
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Err(io::Error::new(

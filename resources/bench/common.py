@@ -45,8 +45,9 @@ def now():
     return time.monotonic()
 
 
-def connect_unix(path, deadline):
-    """A connection to the socket at `path`, retried until the VMM made it."""
+def connect_unix(path, deadline, proc=None):
+    """A connection to the socket at `path`, retried until the VMM made it
+    (and while `proc`, the VMM, runs)."""
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -54,6 +55,8 @@ def connect_unix(path, deadline):
             return s
         except (FileNotFoundError, ConnectionRefusedError):
             s.close()
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"the VMM exited {proc.returncode} before making {path}")
             if now() > deadline:
                 raise RuntimeError(f"no socket at {path}")
             time.sleep(0.005)

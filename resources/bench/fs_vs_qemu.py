@@ -9,9 +9,11 @@ files (100 directories of 100). Each round boots the agent test initrd
 
 * minivmm: `--share DIR:/mnt` (a vhost-user-fs device on virtio-mmio,
   served by the virtiofsd minivmm starts, guest RAM a shared memfd);
-* qemu-virtiofs: QEMU microvm with a `memory-backend-memfd` (share=on)
-  and a `vhost-user-fs-device` whose socket a virtiofsd started by this
-  script serves, with the same options minivmm gives it (`cache=auto`);
+* qemu-virtiofs: QEMU microvm with a `memory-backend-memfd` (share=on),
+  virtio-mmio version 2 (`-global virtio-mmio.force-legacy=false`: the
+  daemon refuses legacy devices) and a `vhost-user-fs-device` whose socket
+  a virtiofsd started by this script serves, with the same options minivmm
+  gives it (`cache=auto`);
 * qemu-9p: QEMU microvm with `-fsdev local` + `virtio-9p-device`, the
   guest mounting it `trans=virtio,version=9p2000.L,msize=512000` (what
   `-virtfs` users mount; no cache option).
@@ -110,7 +112,7 @@ def launch(config, a, share, tmp):
             a.minivmm, "--kernel", os.path.join(img, KERNEL),
             "--initrd", os.path.join(img, INITRD),
             "--append", APPEND, "--memory", f"{MEMORY_MIB}M", "--cpus", "1",
-            "--serial", "null", "--no-reboot", "--agent", f"unix:{agent}",
+            "--serial", "none", "--no-reboot", "--agent", f"unix:{agent}",
             "--share", f"{share}:/mnt", "--virtiofsd", a.virtiofsd,
         ]
         vm = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -130,6 +132,8 @@ def launch(config, a, share, tmp):
         i = argv.index("-M")
         argv[i + 1] += ",memory-backend=mem"
         argv += [
+            # microvm's virtio-mmio is legacy by default; vhost-user needs 1.0.
+            "-global", "virtio-mmio.force-legacy=false",
             "-object", f"memory-backend-memfd,id=mem,size={MEMORY_MIB}M,share=on",
             "-chardev", f"socket,id=vfs,path={sock}",
             "-device", "vhost-user-fs-device,chardev=vfs,tag=share0",
@@ -149,7 +153,7 @@ def one_round(config, a, share, tmp):
     deadline = now() + BOUND
     procs, agent_path, fstype, opts = launch(config, a, share, tmp)
     try:
-        agent = Agent(connect_unix(agent_path, deadline))
+        agent = Agent(connect_unix(agent_path, deadline, procs[0]))
         agent.sync(deadline)
         st = agent.exec_wait("/bin/sh", ["-c", GUEST_SCRIPT, "sh", fstype, opts], deadline)
         out = base64.b64decode(st.get("out-data", "")).decode(errors="replace")
@@ -163,6 +167,9 @@ def one_round(config, a, share, tmp):
         find_s = float(f["t2"]) - float(f["t1"])
         agent.send({"execute": "guest-shutdown"})
         procs[0].wait(timeout=max(1.0, deadline - now()))
+    except Exception as e:
+        with open(os.path.join(tmp, f"{config}.stderr")) as f:
+            raise RuntimeError(f"{config}: {e}; stderr: {f.read()[-2000:]!r}") from e
     finally:
         for p in procs:
             stop(p)

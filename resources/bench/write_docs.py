@@ -220,7 +220,9 @@ shell script through qemu-ga's `guest-exec`: mount the tag `share0`, then
 page cache (a fresh boot each round), checking the size read and the count
 found. minivmm: `--share DIR:/mnt` (its own virtiofsd, `cache=auto`).
 QEMU virtio-fs: `-M microvm,memory-backend=mem` with `-object
-memory-backend-memfd,id=mem,share=on` and `-device vhost-user-fs-device`,
+memory-backend-memfd,id=mem,share=on`, `-global
+virtio-mmio.force-legacy=false` (virtiofsd refuses microvm's default legacy
+virtio-mmio) and `-device vhost-user-fs-device`,
 served by the same virtiofsd with the same options. QEMU 9p: `-fsdev
 local,security_model=none` and `-device virtio-9p-device`, mounted with
 `{f['p9_options']}`. Failed attempts (a round run again):
