@@ -4,8 +4,8 @@
 # Usage: resources/run-tests.sh
 #
 # 0. installs what the tests need and is missing (Debian packages with apt-get,
-#    the qemu.qmp Python module with pip), so a fresh Debian machine needs no
-#    manual step;
+#    the qemu.qmp Python module with pip, the Rust virtiofsd with cargo
+#    install), so a fresh Debian machine needs no manual step;
 # 1. builds the guest images (resources/build-images.sh; cached);
 # 2. with hardware KVM (vmx/svm): `cargo test --workspace` runs everything: unit
 #    tests, CLI tests, lifecycle tests with hand-made guests, real-guest tests;
@@ -20,10 +20,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 hardware_kvm() { grep -qwE 'vmx|svm' /proc/cpuinfo && [[ -e /dev/kvm ]]; }
 
 # What the tests use: QEMU (the nested runner's L1 VM), busybox/cpio/kmod/lz4
-# (guest images), socat (the socat tests), and the qemu.qmp library.
+# (guest images), socat (the socat tests), libseccomp/libcap-ng headers and
+# pkg-config (building the Rust virtiofsd), and the qemu.qmp library.
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for p in qemu-system-x86 busybox-static cpio kmod lz4 socat; do
+for p in qemu-system-x86 busybox-static cpio kmod lz4 socat libseccomp-dev libcap-ng-dev pkg-config; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
@@ -38,6 +39,18 @@ if ! python3 -c 'import qemu.qmp' 2>/dev/null; then
     python3 -m pip install -q qemu.qmp 2>/dev/null ||
         python3 -m pip install -q --break-system-packages qemu.qmp
 fi
+
+# The Rust virtiofsd, so that `--virtiofsd` is tested with both daemons
+# (Debian 12 ships only the C one, in qemu-system-common): built once from
+# crates.io (it links libseccomp and libcap-ng), kept in target/.
+RUST_VIRTIOFSD_VERSION=1.14.0
+rust_virtiofsd=$PWD/target/rust-virtiofsd/bin/virtiofsd
+if ! "$rust_virtiofsd" --version 2>/dev/null | grep -qF "$RUST_VIRTIOFSD_VERSION"; then
+    echo "run-tests: building the Rust virtiofsd $RUST_VIRTIOFSD_VERSION (cargo install)"
+    cargo install --quiet --locked --force virtiofsd --version "$RUST_VIRTIOFSD_VERSION" \
+        --root "$PWD/target/rust-virtiofsd"
+fi
+export MINIVMM_RUST_VIRTIOFSD=$rust_virtiofsd
 
 resources/build-images.sh
 

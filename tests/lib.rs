@@ -72,7 +72,9 @@ pub fn any_kvm() -> bool {
         .is_ok()
 }
 
-fn skip_or_fail(test: &str, why: &str) -> bool {
+/// Skips `test` loudly (returns false), or fails it when everything must run
+/// (`MINIVMM_REQUIRE_REAL_GUEST=1`).
+pub fn skip_or_fail(test: &str, why: &str) -> bool {
     if std::env::var("MINIVMM_REQUIRE_REAL_GUEST").as_deref() == Ok("1") {
         panic!("{test}: cannot run: {why} (MINIVMM_REQUIRE_REAL_GUEST=1)");
     }

@@ -298,3 +298,98 @@ fn run_share_daemons_are_gone_after_a_signal_and_a_timeout() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The Rust virtiofsd `resources/run-tests.sh` builds (Debian 12 has only
+/// the C one), from `MINIVMM_RUST_VIRTIOFSD`.
+fn rust_virtiofsd(test: &str) -> Option<String> {
+    match std::env::var("MINIVMM_RUST_VIRTIOFSD") {
+        Ok(p) if Path::new(&p).is_file() => Some(p),
+        found => {
+            let why = format!(
+                "no Rust virtiofsd (MINIVMM_RUST_VIRTIOFSD={found:?}; resources/run-tests.sh \
+                 builds one)"
+            );
+            minivmm_tests::skip_or_fail(test, &why);
+            None
+        }
+    }
+}
+
+#[test]
+fn run_share_with_the_rust_virtiofsd() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::Stdio;
+    let test = "run_share_with_the_rust_virtiofsd";
+    if !real_guest_available(test) {
+        return;
+    }
+    let Some(bin) = rust_virtiofsd(test) else {
+        return;
+    };
+    let rw = temp_dir_with("share-rust", "x", b"hello\n");
+    let ro = temp_dir_with("share-rust-ro", "r", b"ro-data\n");
+    let rw_spec = format!("{}:/mnt", rw.display());
+    let ro_spec = format!("{}:/ro:ro", ro.display());
+    let script = "cat /mnt/x; read line; echo from-guest > /mnt/y; cat /ro/r; \
+        if touch /ro/new 2>/dev/null; then echo ro-writable; else echo ro-refused; fi";
+    let mut child = run_cmd(
+        &[
+            "--share",
+            &rw_spec,
+            "--share",
+            &ro_spec,
+            "--virtiofsd",
+            &bin,
+        ],
+        &["sh", "-c", script],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert_eq!(first, "hello\n");
+    // The Rust daemon's own flags: it is the one serving.
+    for dir in [&rw, &ro] {
+        let daemons = virtiofsd_serving(dir);
+        assert!(
+            daemons
+                .iter()
+                .any(|d| d.contains(&bin) && d.contains("--shared-dir")),
+            "the Rust virtiofsd serves {}: {daemons:?}",
+            dir.display()
+        );
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let st = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(st.code(), Some(0), "stderr: {err}");
+    assert_eq!(rest, "ro-data\nro-refused\n", "stderr: {err}");
+    assert_eq!(std::fs::read(rw.join("y")).unwrap(), b"from-guest\n");
+    assert!(
+        !ro.join("new").exists(),
+        ":ro refused the write on the host"
+    );
+    for dir in [&rw, &ro] {
+        assert_eq!(
+            virtiofsd_serving(dir),
+            Vec::<String>::new(),
+            "no daemon left"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&rw);
+    let _ = std::fs::remove_dir_all(&ro);
+}
