@@ -127,7 +127,7 @@ impl AgentProxy {
         }
         let mut rest = data;
         while !rest.is_empty() {
-            let ff = rest.iter().position(|&b| b == SENTINEL);
+            let ff = memchr::memchr(SENTINEL, rest);
             if self.reader.discarding {
                 let Some(i) = ff else { break };
                 rest = &rest[i + 1..];

@@ -53,13 +53,21 @@ pub(crate) fn new_set(max_reply: usize) -> ConnSet<AgentSession> {
 impl AgentProxy {
     /// Queues output for a client. `done` marks one outstanding item finished.
     pub(crate) fn client_output(&mut self, id: u64, bytes: &[u8], done: bool) {
+        self.client_output_parts(id, &[bytes], done);
+    }
+
+    /// As [`Self::client_output`], for output in pieces (queued one after the
+    /// other, without joining them first: an agent reply may be megabytes).
+    pub(crate) fn client_output_parts(&mut self, id: u64, parts: &[&[u8]], done: bool) {
         let Some(c) = self.clients.get_mut(id) else {
             return; // Gone: its reply is dropped.
         };
         if done {
             c.state.outstanding = c.state.outstanding.saturating_sub(1);
         }
-        c.conn.queue(bytes);
+        for p in parts {
+            c.conn.queue(p);
+        }
         c.conn.write_out();
     }
 

@@ -161,13 +161,8 @@ impl AgentProxy {
         match req.owner {
             Owner::Qmp(token) => self.qmp_replies.push((token, env.result())),
             Owner::Client(c) => {
-                let mut bytes = Vec::with_capacity(msg.len() + 2);
-                if sentinel {
-                    bytes.push(SENTINEL);
-                }
-                bytes.extend_from_slice(msg);
-                bytes.push(b'\n');
-                self.client_output(c, &bytes, true);
+                let lead: &[u8] = if sentinel { &[SENTINEL] } else { &[] };
+                self.client_output_parts(c, &[lead, msg, b"\n"], true);
             }
         }
     }

@@ -56,6 +56,34 @@ impl Default for JsonStreamer {
     }
 }
 
+/// Whether `b` ends a run of plain string contents: a quote, a backslash, a
+/// control byte or 0xFE/0xFF (see [`JsonStreamer::byte`]).
+fn special_in_string(b: u8) -> bool {
+    (b == b'"') | (b == b'\\') | !(0x20..0xfe).contains(&b)
+}
+
+/// How many bytes at the start of `s` are plain string contents. Whole
+/// chunks are checked without an early exit, which the compiler vectorises:
+/// most of a large message is such bytes (a file's base64), and a byte at a
+/// time this scan was most of the proxy's work on an agent file read.
+fn plain_run(s: &[u8]) -> usize {
+    const CHUNK: usize = 64;
+    let mut i = 0;
+    while let Some(chunk) = s.get(i..i + CHUNK) {
+        if chunk
+            .iter()
+            .fold(false, |any, &b| any | special_in_string(b))
+        {
+            break;
+        }
+        i += CHUNK;
+    }
+    i + s[i..]
+        .iter()
+        .position(|&b| special_in_string(b))
+        .unwrap_or(s.len() - i)
+}
+
 fn is_structural(b: u8) -> bool {
     matches!(b, b'[' | b']' | b'{' | b'}' | b':' | b',')
 }
@@ -149,10 +177,7 @@ impl JsonStreamer {
             // message, e.g. a file's base64): one copy for the whole run. The
             // same as `byte` for each of them.
             let run = match self.state {
-                State::String { escaped: false } => input[i..]
-                    .iter()
-                    .position(|&b| b == b'"' || b == b'\\' || !(0x20..0xfe).contains(&b))
-                    .unwrap_or(input.len() - i),
+                State::String { escaped: false } => plain_run(&input[i..]),
                 _ => 0,
             };
             if run > 0 {
@@ -301,6 +326,23 @@ mod tests {
                 assert_eq!(a, b, "{:?} max {max}", String::from_utf8_lossy(input));
             }
         }
+    }
+
+    #[test]
+    fn plain_runs_end_at_the_first_special_byte() {
+        for len in [0, 1, 63, 64, 65, 200] {
+            let plain = vec![b'A'; len];
+            assert_eq!(plain_run(&plain), len);
+            for special in [b'"', b'\\', 0x00, 0x1f, 0xfe, 0xff] {
+                for at in [0, len / 2, len] {
+                    let mut s = plain.clone();
+                    s.insert(at, special);
+                    s.extend_from_slice(b"tail");
+                    assert_eq!(plain_run(&s), at, "len {len} byte {special:#x} at {at}");
+                }
+            }
+        }
+        assert_eq!(plain_run(b"\x7f and \xc3\xa9 are plain\""), 18);
     }
 
     #[test]

@@ -18,8 +18,8 @@
 use std::collections::VecDeque;
 
 use super::{
-    complete, read_next_chain, write_to_next_buffer, DeviceFailure, QueueContext, VirtioDevice,
-    INT_VRING,
+    append_next_chain, complete, read_next_chain, write_to_next_buffer, DeviceFailure,
+    QueueContext, VirtioDevice, INT_VRING,
 };
 
 /// The name of the agent port.
@@ -326,12 +326,15 @@ impl VirtioDevice for Console {
                         self.tx_stalled = true;
                         break;
                     }
-                    let Some((head, data)) =
-                        read_next_chain(ctx.mem, &mut ctx.queues[TX1], MAX_CHAIN)?
+                    let Some(head) = append_next_chain(
+                        ctx.mem,
+                        &mut ctx.queues[TX1],
+                        MAX_CHAIN,
+                        &mut self.from_guest,
+                    )?
                     else {
                         break;
                     };
-                    self.from_guest.extend_from_slice(&data);
                     complete(ctx.mem, &mut ctx.queues[TX1], head)?;
                     any = true;
                 }

@@ -121,27 +121,43 @@ pub(crate) fn read_next_chain(
     q: &mut Queue,
     limit: usize,
 ) -> Result<Option<(u16, Vec<u8>)>, DeviceFailure> {
+    let mut data = Vec::new();
+    Ok(append_next_chain(mem, q, limit, &mut data)?.map(|head| (head, data)))
+}
+
+/// Appends the readable part of the next chain on `q` to `out` (no copy in
+/// between); returns its head, or None when the queue is empty. A chain over
+/// `limit` bytes fails the device (nothing of it is appended).
+pub(crate) fn append_next_chain(
+    mem: &GuestMemoryMmap,
+    q: &mut Queue,
+    limit: usize,
+    out: &mut Vec<u8>,
+) -> Result<Option<u16>, DeviceFailure> {
     let Some(chain) = q.pop_descriptor_chain(mem) else {
         return Ok(None);
     };
     let head = chain.head_index();
-    let mut data = Vec::new();
+    let base = out.len();
     for desc in chain {
         if desc.is_write_only() {
             continue;
         }
         let len = desc.len() as usize;
-        if data.len() + len > limit {
+        let start = out.len();
+        if start - base + len > limit {
+            out.truncate(base);
             return Err(DeviceFailure(format!(
                 "guest buffer larger than {limit} bytes"
             )));
         }
-        let start = data.len();
-        data.resize(start + len, 0);
-        mem.read_slice(&mut data[start..], desc.addr())
-            .map_err(|e| DeviceFailure(format!("bad descriptor address: {e}")))?;
+        out.resize(start + len, 0);
+        if let Err(e) = mem.read_slice(&mut out[start..], desc.addr()) {
+            out.truncate(base);
+            return Err(DeviceFailure(format!("bad descriptor address: {e}")));
+        }
     }
-    Ok(Some((head, data)))
+    Ok(Some(head))
 }
 
 /// Writes `data` into the next chain's writable buffers; returns the bytes written,
