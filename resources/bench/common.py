@@ -253,9 +253,16 @@ def summary(xs, digits=0):
 
 
 def stop(p):
+    """Kills `p` and reaps it; a process that stays (stuck in the kernel, as a
+    nested QEMU once did in 9p I/O) is left behind after 30 s with a warning
+    rather than hanging the benchmark."""
     if p.poll() is None:
         p.kill()
-    p.wait()
+    try:
+        p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        print(f"bench: pid {p.pid} did not die within 30 s of SIGKILL: left behind",
+              file=sys.stderr, flush=True)
 
 
 def spawn(argv, stderr):

@@ -1,8 +1,9 @@
 //! `minivmm run --share` and `--host-root`: host directories over virtio-fs,
 //! served by Debian's virtiofsd, mounted by the init before the command.
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use minivmm_tests::{images_dir, minivmm, real_guest_available, temp_dir_with, virtiofsd_serving};
 
@@ -51,6 +52,48 @@ fn exits_zero_printing(out: &std::process::Output, expected: &str) {
         "stdout: {stdout}\nstderr: {stderr}"
     );
     assert_eq!(stdout, expected, "stderr: {stderr}");
+}
+
+/// A run in progress, its stdout read line by line.
+struct Running {
+    child: std::process::Child,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Running {
+    /// Spawns `cmd` with stdin, stdout and stderr piped; returns it with the
+    /// first line it printed.
+    fn spawn(mut cmd: Command) -> (Self, String) {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        (Self { child, stdout }, first)
+    }
+
+    /// Writes `input` and closes stdin, then waits for the end: the exit
+    /// status, the rest of stdout, all of stderr.
+    fn finish(mut self, input: &[u8]) -> (std::process::ExitStatus, String, String) {
+        let mut stdin = self.child.stdin.take().unwrap();
+        stdin.write_all(input).unwrap();
+        drop(stdin);
+        let mut rest = String::new();
+        self.stdout.read_to_string(&mut rest).unwrap();
+        let st = self.child.wait().unwrap();
+        let mut err = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (st, rest, err)
+    }
 }
 
 #[test]
@@ -156,8 +199,6 @@ fn run_host_root_runs_a_host_program_in_the_current_directory() {
 
 #[test]
 fn run_share_whose_daemon_dies_gives_io_errors_then_a_vm_error() {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::process::Stdio;
     if !real_guest_available("run_share_whose_daemon_dies_gives_io_errors_then_a_vm_error") {
         return;
     }
@@ -168,7 +209,7 @@ fn run_share_whose_daemon_dies_gives_io_errors_then_a_vm_error() {
     // /mnt/b is not looked up before the daemon is gone.
     let script = "cat /mnt/a; read line; \
         if cat /mnt/b; then echo read-b; else echo b-failed; fi; echo still-running";
-    let mut child = run_cmd(
+    let (run, first) = Running::spawn(run_cmd(
         &[
             "--share",
             &spec,
@@ -176,15 +217,7 @@ fn run_share_whose_daemon_dies_gives_io_errors_then_a_vm_error() {
             &result_file.display().to_string(),
         ],
         &["sh", "-c", script],
-    )
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    stdout.read_line(&mut first).unwrap();
+    ));
     assert_eq!(first, "first\n", "the share works before");
     let daemons = virtiofsd_serving(&dir);
     assert!(!daemons.is_empty(), "a virtiofsd serves the share");
@@ -193,19 +226,7 @@ fn run_share_whose_daemon_dies_gives_io_errors_then_a_vm_error() {
         // SAFETY: kill(2) on a virtiofsd minivmm started for this test's share.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"go\n").unwrap();
-    drop(stdin);
-    let mut rest = String::new();
-    stdout.read_to_string(&mut rest).unwrap();
-    let st = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (st, rest, err) = run.finish(b"go\n");
     assert_eq!(
         rest, "b-failed\nstill-running\n",
         "I/O errors, and the command goes on; stderr: {err}"
@@ -237,8 +258,6 @@ fn run_share_whose_daemon_dies_gives_io_errors_then_a_vm_error() {
 /// Starts `minivmm run --share DIR:/mnt` with `extra` flags running `script`
 /// and waits until the command printed `first` (it read the share).
 fn running_on_a_share(dir: &Path, extra: &[&str], script: &str) -> std::process::Child {
-    use std::io::Read;
-    use std::process::Stdio;
     let spec = format!("{}:/mnt", dir.display());
     let mut args = vec!["--share", spec.as_str()];
     args.extend_from_slice(extra);
@@ -317,8 +336,6 @@ fn rust_virtiofsd(test: &str) -> Option<String> {
 
 #[test]
 fn run_share_with_the_rust_virtiofsd() {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::process::Stdio;
     let test = "run_share_with_the_rust_virtiofsd";
     if !real_guest_available(test) {
         return;
@@ -332,7 +349,7 @@ fn run_share_with_the_rust_virtiofsd() {
     let ro_spec = format!("{}:/ro:ro", ro.display());
     let script = "cat /mnt/x; read line; echo from-guest > /mnt/y; cat /ro/r; \
         if touch /ro/new 2>/dev/null; then echo ro-writable; else echo ro-refused; fi";
-    let mut child = run_cmd(
+    let (run, first) = Running::spawn(run_cmd(
         &[
             "--share",
             &rw_spec,
@@ -342,15 +359,7 @@ fn run_share_with_the_rust_virtiofsd() {
             &bin,
         ],
         &["sh", "-c", script],
-    )
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    stdout.read_line(&mut first).unwrap();
+    ));
     assert_eq!(first, "hello\n");
     // The Rust daemon's own flags: it is the one serving.
     for dir in [&rw, &ro] {
@@ -363,19 +372,7 @@ fn run_share_with_the_rust_virtiofsd() {
             dir.display()
         );
     }
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"go\n").unwrap();
-    drop(stdin);
-    let mut rest = String::new();
-    stdout.read_to_string(&mut rest).unwrap();
-    let st = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (st, rest, err) = run.finish(b"go\n");
     assert_eq!(st.code(), Some(0), "stderr: {err}");
     assert_eq!(rest, "ro-data\nro-refused\n", "stderr: {err}");
     assert_eq!(std::fs::read(rw.join("y")).unwrap(), b"from-guest\n");
