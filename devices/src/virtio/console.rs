@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 
 use super::{
     append_next_chain, complete, read_next_chain, write_to_next_buffer, DeviceFailure,
-    QueueContext, VirtioDevice, INT_VRING,
+    QueueContext, VirtioDevice,
 };
 
 /// The name of the agent port.
@@ -179,7 +179,7 @@ impl Console {
             used = true;
         }
         if used {
-            ctx.interrupt.trigger(INT_VRING);
+            ctx.notify_used(CTRL_RX);
         }
         Ok(())
     }
@@ -203,7 +203,7 @@ impl Console {
             used = true;
         }
         if used {
-            ctx.interrupt.trigger(INT_VRING);
+            ctx.notify_used(RX1);
         }
         Ok(())
     }
@@ -311,7 +311,7 @@ impl VirtioDevice for Console {
                     any = true;
                 }
                 if any {
-                    ctx.interrupt.trigger(INT_VRING);
+                    ctx.notify_used(CTRL_TX);
                 }
                 self.flush_control(ctx)?;
                 self.flush_rx(ctx)
@@ -339,7 +339,7 @@ impl VirtioDevice for Console {
                     any = true;
                 }
                 if any {
-                    ctx.interrupt.trigger(INT_VRING);
+                    ctx.notify_used(TX1);
                 }
                 Ok(())
             }
@@ -353,7 +353,7 @@ impl VirtioDevice for Console {
                     any = true;
                 }
                 if any {
-                    ctx.interrupt.trigger(INT_VRING);
+                    ctx.notify_used(TX0);
                 }
                 Ok(())
             }

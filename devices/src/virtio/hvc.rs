@@ -25,7 +25,6 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::console::VIRTIO_ID_CONSOLE;
 use super::{
     complete, read_next_chain, write_to_next_buffer, DeviceFailure, QueueContext, VirtioDevice,
-    INT_VRING,
 };
 use crate::output::GuestOutput;
 
@@ -129,7 +128,7 @@ impl Hvc {
             moved = true;
         }
         if moved {
-            ctx.interrupt.trigger(INT_VRING);
+            ctx.notify_used(RX);
             let _ = self.input.ready.write(1);
         }
         Ok(())
@@ -143,7 +142,7 @@ impl Hvc {
             any = true;
         }
         if any {
-            ctx.interrupt.trigger(INT_VRING);
+            ctx.notify_used(TX);
         }
         Ok(())
     }
@@ -187,6 +186,7 @@ impl VirtioDevice for Hvc {
 
 #[cfg(test)]
 mod tests {
+    use crate::virtio::INT_VRING;
     use std::io::Read;
     use std::os::unix::net::UnixStream;
     use std::sync::Arc;

@@ -111,6 +111,14 @@ impl<'a> Guest<'a> {
         self.used_seen[q] = idx;
     }
 
+    /// Sets or clears `VRING_AVAIL_F_NO_INTERRUPT` on queue `q`.
+    pub fn suppress_interrupts(&mut self, q: usize, suppress: bool) {
+        // The flags are the available ring's first field.
+        self.mem
+            .write_obj(u16::from(suppress), self.mocks[q].avail_addr())
+            .unwrap();
+    }
+
     /// Offers a writable buffer of `len` bytes on queue `q`; returns its address.
     pub fn offer(&mut self, q: usize, len: u32) -> u64 {
         let a = self.alloc(len);

@@ -76,6 +76,36 @@ pub struct QueueContext<'a> {
     pub interrupt: &'a Interrupt,
 }
 
+impl QueueContext<'_> {
+    /// Raises the used-ring interrupt for queue `index` unless its driver
+    /// asked for none: `VRING_AVAIL_F_NO_INTERRUPT` in the available ring's
+    /// flags, or with `VIRTIO_RING_F_EVENT_IDX` its `used_event` (virtio-queue
+    /// checks only the latter). An interrupt the driver does not want costs the
+    /// guest an exit for it and two more for the status and its acknowledgement.
+    pub fn notify_used(&mut self, index: usize) {
+        let Some(q) = self.queues.get_mut(index) else {
+            return;
+        };
+        let wanted = if q.event_idx_enabled() {
+            q.needs_notification(self.mem).unwrap_or(true)
+        } else {
+            // Our used-ring writes before the driver's flags (as the spec's
+            // memory barrier before reading them).
+            std::sync::atomic::fence(Ordering::SeqCst);
+            self.mem
+                .read_obj::<u16>(vm_memory::GuestAddress(q.avail_ring()))
+                .map(|flags| u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0)
+                .unwrap_or(true)
+        };
+        if wanted {
+            self.interrupt.trigger(INT_VRING);
+        }
+    }
+}
+
+/// `VRING_AVAIL_F_NO_INTERRUPT`: the driver needs no interrupt for used buffers.
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
 /// A guest-caused error that puts the device in the failed state (NEEDS_RESET).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{0}")]

@@ -1,6 +1,7 @@
 //! The console device against virtio-queue's mock queues.
 use super::*;
 use crate::virtio::mock_guest::{mem, Guest, BUF_BASE};
+use crate::virtio::INT_VRING;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// Runs the Linux handshake; returns the console with port 1 open.
@@ -216,4 +217,23 @@ fn a_host_not_reading_stalls_the_guest_without_losing_bytes() {
     got.extend(c.take_from_guest());
     let want: Vec<u8> = (0..8u8).flat_map(|i| vec![i; MAX_CHAIN]).collect();
     assert!(got == want, "every byte, in order");
+}
+
+#[test]
+fn no_interrupt_when_the_driver_asks_for_none() {
+    let m = mem();
+    let mut g = Guest::new(&m);
+    let mut c = handshake(&mut g);
+    g.interrupt.ack(INT_VRING);
+    // As Linux's virtio_console does for its transmit queue.
+    g.suppress_interrupts(TX1, true);
+    g.send(TX1, b"quiet");
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert_eq!(g.used(TX1).len(), 1, "the buffer is used all the same");
+    assert_eq!(c.take_from_guest(), b"quiet");
+    assert_eq!(g.interrupt.status() & INT_VRING, 0, "no interrupt");
+    g.suppress_interrupts(TX1, false);
+    g.send(TX1, b"loud");
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert_ne!(g.interrupt.status() & INT_VRING, 0, "an interrupt");
 }

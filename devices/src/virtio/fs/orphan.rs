@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use crate::virtio::{DeviceFailure, QueueContext, INT_VRING};
+use crate::virtio::{DeviceFailure, QueueContext};
 
 /// The high-priority queue (FORGET, INTERRUPT): requests without replies.
 pub const HIPRIO_QUEUE: usize = 0;
@@ -98,11 +98,8 @@ impl Orphan {
             self.answered += 1;
             any = true;
         }
-        let notify = any
-            && q.needs_notification(mem)
-                .map_err(|e| DeviceFailure(format!("used ring: {e:?}")))?;
-        if notify {
-            ctx.interrupt.trigger(INT_VRING);
+        if any {
+            ctx.notify_used(index);
         }
         Ok(())
     }
