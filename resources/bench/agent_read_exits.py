@@ -7,10 +7,10 @@ A diagnostic, not part of the benchmark; needs perf and a KVM host (nested:
 `resources/nested-run.sh resources/bench/agent_read_exits.py [qemu]`, with
 target/release/minivmm and the images built).
 """
-import base64, os, subprocess, sys, tempfile, time
+import os, subprocess, sys, tempfile, time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import Agent, Qmp, Console, connect_unix, now, spawn, stop, BOUND
+from common import Agent, Qmp, Console, connect_unix, now, read_agent_file, spawn, stop, BOUND
 from vmm_vs_qemu import argv_minivmm, argv_qemu
 
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -43,14 +43,8 @@ def one(name, argv, tmp):
     perf = subprocess.Popen(["perf", "record", "-e", "kvm:kvm_mmio", "-e", "kvm:kvm_set_irq", "-e", "kvm:kvm_exit",
         "-a", "-o", os.path.join(tmp, name + ".data")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
-    h = agent.cmd("guest-file-open", {"path": "/tmp/f", "mode": "r"})
-    got = 0
     t = now()
-    while True:
-        rd = agent.cmd("guest-file-read", {"handle": h, "count": 1 << 20})
-        got += len(base64.b64decode(rd["buf-b64"]))
-        if rd.get("eof") or rd["count"] == 0:
-            break
+    got = read_agent_file(agent, "/tmp/f")
     wall = now() - t
     perf.send_signal(2); perf.wait()
     t1 = threads(p.pid)
@@ -69,7 +63,6 @@ def one(name, argv, tmp):
     for (n, c, g) in t1: d.setdefault(n, [0, 0]); d[n][0] += c; d[n][1] += g
     for n, (c, g) in sorted(d.items()):
         if c: print(f"  thread {n}: cpu {c} ticks, guest {g} ticks", flush=True)
-    agent.cmd("guest-file-close", {"handle": h})
     qmp.send({"execute": "quit"})
     try: p.wait(timeout=30)
     finally: stop(p)

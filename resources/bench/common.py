@@ -7,6 +7,7 @@ kind of devices) with the agent on a virtio-serial port, as a user would
 script it; minivmm is started with its own flags.
 """
 
+import base64
 import json
 import os
 import socket
@@ -130,6 +131,20 @@ class Agent(Lines):
             if now() > deadline:
                 raise RuntimeError(f"{path} {args} never finished")
             time.sleep(poll)
+
+
+def read_agent_file(agent, path, chunk=1 << 20):
+    """Reads `path` in the guest through the agent (`guest-file-read` of
+    `chunk` bytes at a time); returns the bytes read."""
+    h = agent.cmd("guest-file-open", {"path": path, "mode": "r"})
+    got = 0
+    while True:
+        rd = agent.cmd("guest-file-read", {"handle": h, "count": chunk})
+        got += len(base64.b64decode(rd["buf-b64"]))
+        if rd.get("eof") or rd["count"] == 0:
+            break
+    agent.cmd("guest-file-close", {"handle": h})
+    return got
 
 
 class Qmp(Lines):

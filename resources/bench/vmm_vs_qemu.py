@@ -39,7 +39,8 @@ import sys
 import tempfile
 
 from common import (BOUND, MEMORY_MIB, QEMU, Agent, Console, Qmp, attempts, connect_unix,
-                    now, qemu_argv, rss_without_guest_ram_kib, spawn, stop, summary)
+                    now, qemu_argv, read_agent_file, rss_without_guest_ram_kib, spawn, stop,
+                    summary)
 
 APPEND = "console=ttyS0 quiet minivmm.action=wait"
 FILE_MIB = 16
@@ -113,21 +114,14 @@ def one_round(name, argv, qmp_path, agent_path, tmp, console_bytes, hvc_bytes):
                                          f"count={FILE_MIB}"], deadline)
         if st.get("exitcode") != 0:
             raise RuntimeError(f"dd: {st}")
-        h = agent.cmd("guest-file-open", {"path": "/tmp/f", "mode": "r"})
-        got = 0
         cpu0 = cpu_seconds(p.pid)
         t = now()
-        while True:
-            rd = agent.cmd("guest-file-read", {"handle": h, "count": 1 << 20})
-            got += len(base64.b64decode(rd["buf-b64"]))
-            if rd.get("eof") or rd["count"] == 0:
-                break
+        got = read_agent_file(agent, "/tmp/f")
         wall = now() - t
         r["file_read"] = got / wall / 1e6
         # The VMM's own CPU time (its threads outside guest code) per second
         # of the read: whether the host side is what limits it.
         r["file_read_cpu"] = (cpu_seconds(p.pid) - cpu0) / wall * 100.0
-        agent.cmd("guest-file-close", {"handle": h})
         if got != FILE_MIB << 20:
             raise RuntimeError(f"read {got} bytes of {FILE_MIB} MiB")
         r["rss_after_read_kib"] = rss_without_guest_ram_kib(p.pid)

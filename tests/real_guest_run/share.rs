@@ -54,6 +54,21 @@ fn exits_zero_printing(out: &std::process::Output, expected: &str) {
     assert_eq!(stdout, expected, "stderr: {stderr}");
 }
 
+/// No virtiofsd serves any of `dirs` any more; then they are removed.
+fn no_daemon_left_then_remove(dirs: &[&Path]) {
+    for dir in dirs {
+        assert_eq!(
+            virtiofsd_serving(dir),
+            Vec::<String>::new(),
+            "no daemon left for {}",
+            dir.display()
+        );
+    }
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// A run in progress, its stdout read line by line.
 struct Running {
     child: std::process::Child,
@@ -151,15 +166,7 @@ fn run_share_reads_writes_and_refuses_writes_to_ro() {
         ":ro refused the write on the host"
     );
     assert!(!rw.join("unlinked").exists());
-    for dir in [&rw, &ro] {
-        assert_eq!(
-            virtiofsd_serving(dir),
-            Vec::<String>::new(),
-            "no daemon left"
-        );
-    }
-    let _ = std::fs::remove_dir_all(&rw);
-    let _ = std::fs::remove_dir_all(&ro);
+    no_daemon_left_then_remove(&[&rw, &ro]);
 }
 
 #[test]
@@ -380,13 +387,5 @@ fn run_share_with_the_rust_virtiofsd() {
         !ro.join("new").exists(),
         ":ro refused the write on the host"
     );
-    for dir in [&rw, &ro] {
-        assert_eq!(
-            virtiofsd_serving(dir),
-            Vec::<String>::new(),
-            "no daemon left"
-        );
-    }
-    let _ = std::fs::remove_dir_all(&rw);
-    let _ = std::fs::remove_dir_all(&ro);
+    no_daemon_left_then_remove(&[&rw, &ro]);
 }
