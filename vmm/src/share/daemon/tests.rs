@@ -83,7 +83,10 @@ fn a_daemon_answers_vhost_user_and_is_gone_when_dropped() {
     drop(d);
     assert!(gone(pid), "virtiofsd {pid} outlived its drop");
     for k in kids {
-        assert!(gone_soon(k), "virtiofsd's child {k} outlived the drop by 5 s");
+        assert!(
+            gone_soon(k),
+            "virtiofsd's child {k} outlived the drop by 5 s"
+        );
     }
 }
 
