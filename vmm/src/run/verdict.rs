@@ -76,7 +76,7 @@ impl Ending {
 }
 
 /// The verdict for a VM that ended with `outcome` after the channel reported
-/// `report`. A share whose daemon ended while the command ran makes the
+/// `report`. A share whose daemon ended during the run makes the
 /// command's end untrustworthy (it got I/O errors on that share): the VM
 /// failed, whatever the command's status (kept in the result).
 pub fn ending(outcome: &Outcome, report: &RunReport) -> Ending {
@@ -94,7 +94,7 @@ pub fn ending(outcome: &Outcome, report: &RunReport) -> Ending {
             Ending {
                 verdict: Verdict::VmError,
                 status: 125,
-                message: Some(format!("{lost} while the command ran; {what}")),
+                message: Some(format!("{lost} during the run; {what}")),
                 ..end
             }
         }
@@ -335,7 +335,7 @@ mod tests {
         );
         assert_eq!(
             e.message.as_deref(),
-            Some(format!("{lost} while the command ran; the command exited 1").as_str())
+            Some(format!("{lost} during the run; the command exited 1").as_str())
         );
         let mut rep = ended(Exit::Signaled(9));
         rep.shares_lost = vec![lost.to_string()];

@@ -204,12 +204,12 @@ impl Runtime {
 
     /// The current VM's `--share` devices, with the VM's generation (None
     /// without a VM or without shares).
-    pub fn fs_ports(&self) -> Option<(u64, Vec<crate::share::FsPort>)> {
+    pub fn fs_ports(&self) -> Option<(u64, &[crate::share::FsPort])> {
         let ports = self.vm.as_ref()?.fs_ports();
         if ports.is_empty() {
             return None;
         }
-        Some((self.machine.generation(), ports.to_vec()))
+        Some((self.machine.generation(), ports))
     }
 
     /// Stops the vcpus, releases the VM, writes out the console (waiting at most

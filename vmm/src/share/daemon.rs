@@ -112,6 +112,15 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
+    /// The eventfd that tells of the daemon's end could not be made.
+    #[error("{tag}: cannot make an eventfd to watch virtiofsd")]
+    EventFd {
+        /// The share's tag.
+        tag: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// The daemon ended (or closed its socket) before it was connected.
     #[error("{tag}: virtiofsd failed: {detail}")]
     Exited {
@@ -194,6 +203,13 @@ impl Virtiofsd {
         } else {
             Vec::new()
         };
+        // Made before the spawn: a failure then leaves no daemon behind.
+        let evt_err = |source| DaemonError::EventFd {
+            tag: tag.to_string(),
+            source,
+        };
+        let exited = EventFd::new(EFD_NONBLOCK).map_err(evt_err)?;
+        let told = exited.try_clone().map_err(evt_err)?;
         let mut cmd = Command::new(bin);
         cmd.args(flavor.args(&share.host))
             .stdin(Stdio::null())
@@ -220,8 +236,6 @@ impl Virtiofsd {
         drop(listener);
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let stopping = Arc::new(AtomicBool::new(false));
-        let exited = EventFd::new(EFD_NONBLOCK).map_err(socket_err)?;
-        let told = exited.try_clone().map_err(socket_err)?;
         let reader = child.stderr.take().and_then(|err| {
             let (tail, stopping, t) = (tail.clone(), stopping.clone(), tag.to_string());
             std::thread::Builder::new()

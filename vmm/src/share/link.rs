@@ -48,9 +48,10 @@ impl ShareLink {
         }
         if let Some((g, ports)) = current {
             let ids = ports
-                .into_iter()
-                .filter_map(|p| match FsWatch::new(p, self.lost.clone()) {
-                    Ok(w) => Some(em.add_subscriber(Box::new(w))),
+                .iter()
+                .filter_map(|p| match FsWatch::new(p.clone(), self.lost.clone()) {
+                    Ok(Some(w)) => Some(em.add_subscriber(Box::new(w))),
+                    Ok(None) => None, // No daemon to watch.
                     Err(e) => {
                         log::error!("share: cannot watch for its daemon's end: {e}");
                         None
@@ -77,13 +78,14 @@ pub struct FsWatch {
 }
 
 impl FsWatch {
-    fn new(port: FsPort, lost: Lost) -> std::io::Result<Self> {
+    /// A watch for `port`'s daemon, or None for a device without one.
+    fn new(port: FsPort, lost: Lost) -> std::io::Result<Option<Self>> {
         let (exit, queues) = {
             let t = port.lock().unwrap_or_else(|e| e.into_inner());
-            let exit = match t.device().backend_exit() {
-                Some(e) => e.try_clone()?,
-                None => EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?, // never fires
+            let Some(exit) = t.device().backend_exit() else {
+                return Ok(None);
             };
+            let exit = exit.try_clone()?;
             let queues = t
                 .queue_evts()
                 .iter()
@@ -91,13 +93,13 @@ impl FsWatch {
                 .collect::<std::io::Result<Vec<_>>>()?;
             (exit, queues)
         };
-        Ok(Self {
+        Ok(Some(Self {
             port,
             exit,
             queues,
             lost,
             taken_over: false,
-        })
+        }))
     }
 
     /// The daemon is gone: the device answers from now on, starting with

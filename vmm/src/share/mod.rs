@@ -191,7 +191,7 @@ pub fn start_shares(shares: &[ShareSpec], d: &Daemon) -> Result<Vec<VhostUserFs>
                 );
                 let exited = daemon
                     .exit_evt()
-                    .map_err(|source| daemon::DaemonError::Socket {
+                    .map_err(|source| daemon::DaemonError::EventFd {
                         tag: tag.clone(),
                         source,
                     })?;
