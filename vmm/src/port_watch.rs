@@ -6,7 +6,7 @@
 //! subscriber of the current VM's device and drops the old one.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use devices::virtio::mmio::MmioTransport;
@@ -20,29 +20,40 @@ use vmm_sys_util::eventfd::EventFd;
 pub type Port<D> = Arc<Mutex<MmioTransport<D>>>;
 
 /// Watches a device's queue eventfds (and any extra eventfd that stands for
-/// a queue) and runs the device.
+/// a queue) and its poll timer, and runs the device.
 pub struct QueueWatch<D: VirtioDevice> {
     port: Port<D>,
     /// Each watched eventfd with the queue it stands for.
     evts: Vec<(EventFd, usize)>,
+    /// The transport's poll timer (it lives as long as `port`).
+    poll_fd: RawFd,
 }
+
+/// The event data of the poll timer (the eventfds use their index).
+const POLL_TIMER: u32 = u32::MAX;
 
 impl<D: VirtioDevice> QueueWatch<D> {
     /// Subscriber for `port`'s queues, and for `extra` (an eventfd and the
     /// queue to process when it fires: host data waiting for the guest).
     pub fn new(port: Port<D>, extra: Option<(&EventFd, usize)>) -> io::Result<Self> {
-        let mut evts = {
+        let (mut evts, poll_fd) = {
             let t = port.lock().unwrap_or_else(|e| e.into_inner());
-            t.queue_evts()
+            let evts = t
+                .queue_evts()
                 .iter()
                 .enumerate()
                 .map(|(i, e)| Ok((e.try_clone()?, i)))
-                .collect::<io::Result<Vec<_>>>()?
+                .collect::<io::Result<Vec<_>>>()?;
+            (evts, t.poll_fd())
         };
         if let Some((e, q)) = extra {
             evts.push((e.try_clone()?, q));
         }
-        Ok(Self { port, evts })
+        Ok(Self {
+            port,
+            evts,
+            poll_fd,
+        })
     }
 }
 
@@ -53,9 +64,20 @@ impl<D: VirtioDevice> MutEventSubscriber for QueueWatch<D> {
                 log::error!("cannot watch virtio queue eventfd {i}: {err:?}");
             }
         }
+        let timer = Events::with_data_raw(self.poll_fd, POLL_TIMER, EventSet::IN);
+        if let Err(err) = ops.add(timer) {
+            log::error!("cannot watch a virtio device's poll timer: {err:?}");
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.data() == POLL_TIMER && events.fd() == self.poll_fd {
+            self.port
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .poll_due();
+            return;
+        }
         let i = events.data() as usize;
         if let Some((e, q)) = self
             .evts

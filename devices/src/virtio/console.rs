@@ -17,6 +17,8 @@
 
 use std::collections::VecDeque;
 
+use virtio_queue::QueueT;
+
 use super::{
     append_next_chain, complete, read_next_chain, write_to_next_buffer, DeviceFailure,
     QueueContext, VirtioDevice,
@@ -40,6 +42,9 @@ pub const MAX_CHAIN: usize = 1 << 20;
 /// The queue of the agent port's guest→host data: notify it again once
 /// [`Console::tx_stalled`] and the host took the pending bytes.
 pub const AGENT_TX_QUEUE: usize = TX1;
+/// While the guest keeps writing, how long the device lets its buffers
+/// gather before it takes them (see [`Console`]'s transmit polling).
+pub const TX_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(2);
 const MAX_PENDING_CONTROL: usize = 64;
 const QUEUE_SIZE: u16 = 256;
 const PORTS: u32 = 2;
@@ -84,6 +89,9 @@ pub struct Console {
     port_changes: Vec<bool>,
     /// The guest's transmit buffers wait for room in `from_guest`.
     tx_stalled: bool,
+    /// The guest was told not to notify the transmit queue: the device
+    /// looks at it every [`TX_POLL_INTERVAL`] instead, while data flows.
+    tx_polling: bool,
 }
 
 impl Default for Console {
@@ -104,6 +112,7 @@ impl Console {
             control_out: VecDeque::new(),
             port_changes: Vec::new(),
             tx_stalled: false,
+            tx_polling: false,
         }
     }
 
@@ -204,6 +213,73 @@ impl Console {
         }
         if used {
             ctx.notify_used(RX1);
+            if self.tx_polling {
+                self.stop_polling(ctx)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the agent port's transmit buffers.
+    ///
+    /// Batching (the guest writes a reply of a megabyte in thousands of
+    /// small writes; a notification and an interrupt for each cost it three
+    /// exits): once a notification brings data, the device asks the guest
+    /// for no more notifications (`VRING_USED_F_NO_NOTIFY`) and looks at the
+    /// queue every [`TX_POLL_INTERVAL`] instead, completing what gathered
+    /// with one interrupt. A look that finds nothing, or host data for the
+    /// guest (a new request: its reply should not wait for a poll), turns
+    /// notifications back on.
+    fn transmit(&mut self, ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
+        let mut any = false;
+        // Back-pressure, never a loss: past the bound, the guest's
+        // buffers stay in the ring until the host takes its bytes.
+        self.tx_stalled = false;
+        loop {
+            if self.from_guest.len() >= MAX_PENDING_FROM_GUEST {
+                self.tx_stalled = true;
+                break;
+            }
+            let Some(head) = append_next_chain(
+                ctx.mem,
+                &mut ctx.queues[TX1],
+                MAX_CHAIN,
+                &mut self.from_guest,
+            )?
+            else {
+                break;
+            };
+            complete(ctx.mem, &mut ctx.queues[TX1], head)?;
+            any = true;
+        }
+        if any {
+            ctx.notify_used(TX1);
+        }
+        if any && !self.tx_stalled {
+            if !self.tx_polling {
+                ctx.queues[TX1]
+                    .disable_notification(ctx.mem)
+                    .map_err(|e| DeviceFailure(format!("used ring: {e:?}")))?;
+                self.tx_polling = true;
+            }
+            Ok(())
+        } else if self.tx_polling {
+            // A stall resumes with the host's notify, not a poll.
+            self.stop_polling(ctx)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Turns the guest's transmit notifications back on; takes what it
+    /// posted while they were off.
+    fn stop_polling(&mut self, ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
+        self.tx_polling = false;
+        let pending = ctx.queues[TX1]
+            .enable_notification(ctx.mem)
+            .map_err(|e| DeviceFailure(format!("used ring: {e:?}")))?;
+        if pending && !self.tx_stalled {
+            self.transmit(ctx)?;
         }
         Ok(())
     }
@@ -316,33 +392,7 @@ impl VirtioDevice for Console {
                 self.flush_control(ctx)?;
                 self.flush_rx(ctx)
             }
-            TX1 => {
-                let mut any = false;
-                // Back-pressure, never a loss: past the bound, the guest's
-                // buffers stay in the ring until the host takes its bytes.
-                self.tx_stalled = false;
-                loop {
-                    if self.from_guest.len() >= MAX_PENDING_FROM_GUEST {
-                        self.tx_stalled = true;
-                        break;
-                    }
-                    let Some(head) = append_next_chain(
-                        ctx.mem,
-                        &mut ctx.queues[TX1],
-                        MAX_CHAIN,
-                        &mut self.from_guest,
-                    )?
-                    else {
-                        break;
-                    };
-                    complete(ctx.mem, &mut ctx.queues[TX1], head)?;
-                    any = true;
-                }
-                if any {
-                    ctx.notify_used(TX1);
-                }
-                Ok(())
-            }
+            TX1 => self.transmit(ctx),
             TX0 => {
                 // Port 0 was never added: discard anything sent on it.
                 let mut any = false;
@@ -364,12 +414,17 @@ impl VirtioDevice for Console {
         }
     }
 
+    fn polling(&self) -> Option<(usize, std::time::Duration)> {
+        self.tx_polling.then_some((TX1, TX_POLL_INTERVAL))
+    }
+
     fn report(&self) -> Option<String> {
         Some(format!(
-            "port open by the guest {}, {} bytes from the guest not yet taken (transmit stalled {}), {} bytes and {} control messages waiting for the guest",
+            "port open by the guest {}, {} bytes from the guest not yet taken (transmit stalled {}, polled {}), {} bytes and {} control messages waiting for the guest",
             self.guest_open,
             self.from_guest.len(),
             self.tx_stalled,
+            self.tx_polling,
             self.to_guest.len(),
             self.control_out.len()
         ))

@@ -1,5 +1,6 @@
 //! The virtio-mmio transport, version 2 ("modern") register layout.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use acpi_tables::{aml, Aml, AmlSink};
@@ -11,6 +12,7 @@ use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::{Interrupt, QueueContext, VirtioDevice, INT_CONFIG, INT_VRING};
 use crate::bus::BusDevice;
@@ -48,6 +50,10 @@ pub struct MmioTransport<D: VirtioDevice> {
     config_generation: u32,
     active: bool,
     failed: bool,
+    /// Fires when the device wants a queue looked at again without a
+    /// notification ([`VirtioDevice::polling`]); non-blocking.
+    poll_timer: TimerFd,
+    poll_armed: bool,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -62,6 +68,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
             .map(|_| EventFd::new(libc_efd_nonblock()))
             .collect::<Result<Vec<_>, _>>()?;
         device.attach_eventfds(&queue_evts, &irqfd);
+        let poll_timer = TimerFd::new()?;
+        set_nonblocking(poll_timer.as_raw_fd())?;
         Ok(Self {
             device,
             mem,
@@ -76,6 +84,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
             config_generation: 0,
             active: false,
             failed: false,
+            poll_timer,
+            poll_armed: false,
         })
     }
 
@@ -114,12 +124,49 @@ impl<D: VirtioDevice> MmioTransport<D> {
             queues: &mut self.queues,
             interrupt: &self.interrupt,
         };
-        match f(&mut self.device, &mut ctx) {
+        let result = match f(&mut self.device, &mut ctx) {
             Ok(v) => Some(v),
             Err(e) => {
                 self.fail(&e.0);
                 None
             }
+        };
+        self.sync_poll();
+        result
+    }
+
+    /// The timer of the device's polling: when it is readable, call
+    /// [`Self::poll_due`]. The VMM thread watches it with the queue eventfds.
+    pub fn poll_fd(&self) -> RawFd {
+        self.poll_timer.as_raw_fd()
+    }
+
+    /// The poll timer fired: the device looks at the queue it polls.
+    pub fn poll_due(&mut self) {
+        // Non-blocking: the timer may have been cleared since it fired.
+        let _ = self.poll_timer.wait();
+        self.poll_armed = false;
+        match self.device.polling() {
+            Some((q, _)) if self.is_active() => self.notify(q),
+            _ => {}
+        }
+    }
+
+    /// Arms the poll timer while the device polls, and disarms it after.
+    fn sync_poll(&mut self) {
+        let wanted = self.device.polling().filter(|_| self.is_active());
+        match (wanted, self.poll_armed) {
+            (Some((_, after)), false) => match self.poll_timer.reset(after, None) {
+                Ok(()) => self.poll_armed = true,
+                Err(e) => log_ratelimit::warn_limited!("virtio: cannot arm the poll timer: {e}"),
+            },
+            (None, true) => {
+                if let Err(e) = self.poll_timer.clear() {
+                    log::debug!("virtio: cannot clear the poll timer: {e}");
+                }
+                self.poll_armed = false;
+            }
+            _ => {}
         }
     }
 
@@ -211,6 +258,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.active = false;
         self.failed = false;
         self.interrupt.clear();
+        self.sync_poll();
     }
 
     fn device_features(&self) -> u64 {
@@ -374,6 +422,19 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
 fn libc_efd_nonblock() -> i32 {
     vmm_sys_util::eventfd::EFD_NONBLOCK
+}
+
+fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: F_GETFL on a descriptor this transport owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above, F_SETFL with an integer argument.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl<D: VirtioDevice> BusDevice for MmioTransport<D> {

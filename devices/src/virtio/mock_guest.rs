@@ -119,6 +119,13 @@ impl<'a> Guest<'a> {
             .unwrap();
     }
 
+    /// Whether the device wants notifications on queue `q` (its used ring's
+    /// flags lack `VRING_USED_F_NO_NOTIFY`).
+    pub fn notifications_wanted(&self, q: usize) -> bool {
+        let flags: u16 = self.mem.read_obj(self.mocks[q].used_addr()).unwrap();
+        flags & 1 == 0
+    }
+
     /// Offers a writable buffer of `len` bytes on queue `q`; returns its address.
     pub fn offer(&mut self, q: usize, len: u32) -> u64 {
         let a = self.alloc(len);

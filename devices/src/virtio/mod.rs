@@ -137,6 +137,13 @@ pub trait VirtioDevice: Send {
     fn report(&self) -> Option<String> {
         None
     }
+    /// The queue the device wants processed again after the given pause
+    /// without the driver notifying it (it asked the driver for no
+    /// notifications while data flows); None while it waits for them. The
+    /// transport asks after each call into the device and keeps a timer.
+    fn polling(&self) -> Option<(usize, std::time::Duration)> {
+        None
+    }
     /// Whether another process raises the interrupt itself through the irqfd:
     /// the interrupt status then always reads "used ring".
     fn interrupts_bypass(&self) -> bool {

@@ -200,7 +200,7 @@ fn a_host_not_reading_stalls_the_guest_without_losing_bytes() {
     let report = c.report().unwrap();
     assert!(
         report.contains(&format!(
-            "{MAX_PENDING_FROM_GUEST} bytes from the guest not yet taken (transmit stalled true)"
+            "{MAX_PENDING_FROM_GUEST} bytes from the guest not yet taken (transmit stalled true, polled false)"
         )),
         "{report}"
     );
@@ -236,4 +236,98 @@ fn no_interrupt_when_the_driver_asks_for_none() {
     g.send(TX1, b"loud");
     c.process_queue(TX1, &mut g.ctx()).unwrap();
     assert_ne!(g.interrupt.status() & INT_VRING, 0, "an interrupt");
+}
+
+#[test]
+fn a_guest_writing_on_is_polled_instead_of_notifying() {
+    let m = mem();
+    let mut g = Guest::new(&m);
+    let mut c = handshake(&mut g);
+    assert!(g.notifications_wanted(TX1));
+    assert_eq!(c.polling(), None);
+    g.send(TX1, b"one");
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert_eq!(c.take_from_guest(), b"one");
+    assert!(
+        !g.notifications_wanted(TX1),
+        "data flows: the guest is told not to notify"
+    );
+    assert_eq!(c.polling(), Some((TX1, TX_POLL_INTERVAL)));
+    // Two writes without a notification, taken by the next poll at once.
+    g.interrupt.ack(INT_VRING);
+    g.send(TX1, b"two");
+    g.send(TX1, b"three");
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert_eq!(c.take_from_guest(), b"twothree");
+    assert_eq!(g.used(TX1).len(), 3);
+    assert_ne!(
+        g.interrupt.status() & INT_VRING,
+        0,
+        "one interrupt for both"
+    );
+    assert_eq!(c.polling(), Some((TX1, TX_POLL_INTERVAL)), "still flowing");
+    // A poll that finds nothing: notifications again.
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert!(g.notifications_wanted(TX1));
+    assert_eq!(c.polling(), None);
+    // A notification then starts over.
+    g.send(TX1, b"four");
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert_eq!(c.take_from_guest(), b"four");
+    assert_eq!(c.polling(), Some((TX1, TX_POLL_INTERVAL)));
+}
+
+#[test]
+fn a_request_for_the_guest_ends_polling_and_takes_what_waits() {
+    let m = mem();
+    let mut g = Guest::new(&m);
+    let mut c = handshake(&mut g);
+    g.send(TX1, b"reply-part-1");
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert_eq!(c.polling(), Some((TX1, TX_POLL_INTERVAL)));
+    // Posted while notifications are off, not yet polled.
+    g.send(TX1, b"reply-part-2");
+    g.offer(RX1, 64);
+    assert_eq!(c.send_to_guest(b"next", &mut g.ctx()).unwrap(), 4);
+    assert_eq!(
+        c.take_from_guest(),
+        b"reply-part-1reply-part-2",
+        "what waited is taken when notifications come back on"
+    );
+    // What waited means data still flows: polling goes on from here.
+    assert_eq!(c.polling(), Some((TX1, TX_POLL_INTERVAL)));
+    g.offer(RX1, 64);
+    c.send_to_guest(b"again", &mut g.ctx()).unwrap();
+    assert_eq!(c.polling(), None, "a request with nothing waiting");
+    assert!(g.notifications_wanted(TX1));
+}
+
+#[test]
+fn a_stalled_transmit_queue_is_not_polled() {
+    let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 12 << 20)]).unwrap();
+    let mut g = Guest::new(&m);
+    let mut c = handshake(&mut g);
+    for i in 0..5u8 {
+        g.send(TX1, &vec![i; MAX_CHAIN]);
+    }
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert!(c.tx_stalled());
+    assert_eq!(c.polling(), None, "the host's notify resumes a stall");
+    assert!(g.notifications_wanted(TX1));
+    c.take_from_guest();
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert_eq!(c.take_from_guest(), vec![4; MAX_CHAIN]);
+    assert_eq!(c.polling(), Some((TX1, TX_POLL_INTERVAL)));
+}
+
+#[test]
+fn reset_ends_polling() {
+    let m = mem();
+    let mut g = Guest::new(&m);
+    let mut c = handshake(&mut g);
+    g.send(TX1, b"x");
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert!(c.polling().is_some());
+    c.reset();
+    assert_eq!(c.polling(), None);
 }

@@ -9,6 +9,8 @@ struct Fake {
     notified: Vec<usize>,
     resets: usize,
     fail_next: bool,
+    /// Set by a notification of queue 1: the device then polls queue 0.
+    polls: Option<usize>,
 }
 
 impl VirtioDevice for Fake {
@@ -33,12 +35,22 @@ impl VirtioDevice for Fake {
             return Err(DeviceFailure("bad chain".into()));
         }
         self.notified.push(i);
+        if i == 1 {
+            self.polls = Some(0);
+        } else if self.polls == Some(i) {
+            // One poll is enough.
+            self.polls = None;
+        }
         ctx.interrupt.trigger(INT_VRING);
         Ok(())
     }
     fn reset(&mut self) {
         self.resets += 1;
         self.activated = None;
+        self.polls = None;
+    }
+    fn polling(&self) -> Option<(usize, std::time::Duration)> {
+        self.polls.map(|q| (q, std::time::Duration::from_millis(1)))
     }
 }
 
@@ -218,4 +230,50 @@ fn no_shared_memory_region_exists() {
     for reg in [0x0b0, 0x0b4, 0x0b8, 0x0bc] {
         assert_eq!(r(&mut t, reg), u32::MAX, "register {reg:#x}");
     }
+}
+
+/// Waits (bounded) for the transport's poll timer to fire.
+fn poll_timer_fires(t: &MmioTransport<Fake>, within_ms: i32) -> bool {
+    let mut fds = [libc::pollfd {
+        fd: t.poll_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: one valid pollfd for the length given.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, within_ms) };
+    n == 1
+}
+
+#[test]
+fn a_polling_device_gets_its_queue_processed_when_the_timer_fires() {
+    let (mut t, _irq) = transport();
+    negotiate(&mut t, VIRTIO_F_VERSION_1 | 1 << 1);
+    setup_queues(&mut t);
+    w(&mut t, VIRTIO_MMIO_STATUS, 1 | 2 | 8 | 4);
+    assert!(
+        !poll_timer_fires(&t, 20),
+        "no timer before the device polls"
+    );
+    t.notify(1);
+    assert!(
+        poll_timer_fires(&t, 5000),
+        "the device polls: the timer fires"
+    );
+    t.poll_due();
+    assert_eq!(
+        t.device().notified,
+        vec![1, 0],
+        "the polled queue processed"
+    );
+    assert!(
+        !poll_timer_fires(&t, 20),
+        "the device stopped polling: no more timer"
+    );
+    // A spurious wake-up is harmless (the timer is non-blocking).
+    t.poll_due();
+    assert_eq!(t.device().notified, vec![1, 0]);
+    // A reset while polling disarms the timer.
+    t.notify(1);
+    w(&mut t, VIRTIO_MMIO_STATUS, 0);
+    assert!(!poll_timer_fires(&t, 20), "reset: no timer");
 }
