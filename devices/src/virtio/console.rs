@@ -69,6 +69,10 @@ mod event {
     pub const PORT_NAME: u16 = 7;
 }
 
+fn ring_error(e: virtio_queue::Error) -> DeviceFailure {
+    DeviceFailure(format!("ring: {e:?}"))
+}
+
 fn control(id: u32, ev: u16, value: u16) -> Vec<u8> {
     let mut v = Vec::with_capacity(8);
     v.extend_from_slice(&id.to_le_bytes());
@@ -92,6 +96,9 @@ pub struct Console {
     /// The guest was told not to notify the transmit queue: the device
     /// looks at it every [`TX_POLL_INTERVAL`] instead, while data flows.
     tx_polling: bool,
+    /// The guest was told not to notify new receive buffers (no host bytes
+    /// wait for one).
+    rx_quiet: bool,
 }
 
 impl Default for Console {
@@ -113,6 +120,7 @@ impl Console {
             port_changes: Vec::new(),
             tx_stalled: false,
             tx_polling: false,
+            rx_quiet: false,
         }
     }
 
@@ -193,23 +201,46 @@ impl Console {
         Ok(())
     }
 
+    /// Delivers host bytes into the guest's receive buffers.
+    ///
+    /// The guest's notifications of new receive buffers matter only while
+    /// bytes wait for one: otherwise the device asks for none, which saves
+    /// the guest an exit for each buffer it gives back after a read.
     fn flush_rx(&mut self, ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
         if !self.guest_open {
             return Ok(());
         }
         let mut used = false;
-        while !self.to_guest.is_empty() {
-            let (a, b) = self.to_guest.as_slices();
-            let chunk: Vec<u8> = if a.len() >= 64 * 1024 || b.is_empty() {
-                a[..a.len().min(64 * 1024)].to_vec()
-            } else {
-                a.iter().chain(b.iter()).take(64 * 1024).copied().collect()
-            };
-            let Some(n) = write_to_next_buffer(ctx.mem, &mut ctx.queues[RX1], &chunk)? else {
+        loop {
+            while !self.to_guest.is_empty() {
+                let (a, b) = self.to_guest.as_slices();
+                let chunk: Vec<u8> = if a.len() >= 64 * 1024 || b.is_empty() {
+                    a[..a.len().min(64 * 1024)].to_vec()
+                } else {
+                    a.iter().chain(b.iter()).take(64 * 1024).copied().collect()
+                };
+                let Some(n) = write_to_next_buffer(ctx.mem, &mut ctx.queues[RX1], &chunk)? else {
+                    break;
+                };
+                self.to_guest.drain(..n);
+                used = true;
+            }
+            let q = &mut ctx.queues[RX1];
+            if self.to_guest.is_empty() {
+                if !self.rx_quiet {
+                    q.disable_notification(ctx.mem).map_err(ring_error)?;
+                    self.rx_quiet = true;
+                }
                 break;
-            };
-            self.to_guest.drain(..n);
-            used = true;
+            }
+            // Out of buffers: the guest's next one must be notified.
+            if !self.rx_quiet {
+                break;
+            }
+            self.rx_quiet = false;
+            if !q.enable_notification(ctx.mem).map_err(ring_error)? {
+                break;
+            }
         }
         if used {
             ctx.notify_used(RX1);
@@ -259,7 +290,7 @@ impl Console {
             if !self.tx_polling {
                 ctx.queues[TX1]
                     .disable_notification(ctx.mem)
-                    .map_err(|e| DeviceFailure(format!("used ring: {e:?}")))?;
+                    .map_err(ring_error)?;
                 self.tx_polling = true;
             }
             Ok(())
@@ -277,7 +308,7 @@ impl Console {
         self.tx_polling = false;
         let pending = ctx.queues[TX1]
             .enable_notification(ctx.mem)
-            .map_err(|e| DeviceFailure(format!("used ring: {e:?}")))?;
+            .map_err(ring_error)?;
         if pending && !self.tx_stalled {
             self.transmit(ctx)?;
         }

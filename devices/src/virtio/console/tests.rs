@@ -331,3 +331,27 @@ fn reset_ends_polling() {
     c.reset();
     assert_eq!(c.polling(), None);
 }
+
+#[test]
+fn receive_buffers_are_notified_only_while_bytes_wait_for_one() {
+    let m = mem();
+    let mut g = Guest::new(&m);
+    let mut c = handshake(&mut g);
+    let rx = g.offer(RX1, 4);
+    c.send_to_guest(b"ab", &mut g.ctx()).unwrap();
+    assert_eq!(g.read(rx, 2), b"ab");
+    assert!(
+        !g.notifications_wanted(RX1),
+        "nothing waits: the guest need not notify its next buffer"
+    );
+    // More than the guest has room for: it must tell of its next buffer.
+    g.offer(RX1, 4);
+    c.send_to_guest(b"cdefgh", &mut g.ctx()).unwrap();
+    assert_eq!(c.pending_to_guest(), 2);
+    assert!(g.notifications_wanted(RX1));
+    let rest = g.offer(RX1, 4);
+    c.process_queue(RX1, &mut g.ctx()).unwrap();
+    assert_eq!(g.read(rest, 2), b"gh");
+    assert_eq!(c.pending_to_guest(), 0);
+    assert!(!g.notifications_wanted(RX1));
+}
