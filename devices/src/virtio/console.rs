@@ -20,8 +20,8 @@ use std::collections::VecDeque;
 use virtio_queue::QueueT;
 
 use super::{
-    append_next_chain, complete, read_next_chain, write_to_next_buffer, DeviceFailure,
-    QueueContext, VirtioDevice,
+    append_next_chain, complete, read_next_chain, ring_error, write_to_next_buffer, DeviceFailure,
+    QueueContext, RxNotifications, VirtioDevice,
 };
 
 /// The name of the agent port.
@@ -69,10 +69,6 @@ mod event {
     pub const PORT_NAME: u16 = 7;
 }
 
-fn ring_error(e: virtio_queue::Error) -> DeviceFailure {
-    DeviceFailure(format!("ring: {e:?}"))
-}
-
 fn control(id: u32, ev: u16, value: u16) -> Vec<u8> {
     let mut v = Vec::with_capacity(8);
     v.extend_from_slice(&id.to_le_bytes());
@@ -96,9 +92,10 @@ pub struct Console {
     /// The guest was told not to notify the transmit queue: the device
     /// looks at it every [`TX_POLL_INTERVAL`] instead, while data flows.
     tx_polling: bool,
-    /// The guest was told not to notify new receive buffers (no host bytes
-    /// wait for one).
-    rx_quiet: bool,
+    /// Notifications of the agent port's receive buffers.
+    rx: RxNotifications,
+    /// Notifications of the control receive buffers.
+    ctrl_rx: RxNotifications,
 }
 
 impl Default for Console {
@@ -120,7 +117,8 @@ impl Console {
             port_changes: Vec::new(),
             tx_stalled: false,
             tx_polling: false,
-            rx_quiet: false,
+            rx: RxNotifications::default(),
+            ctrl_rx: RxNotifications::default(),
         }
     }
 
@@ -182,18 +180,27 @@ impl Console {
 
     fn flush_control(&mut self, ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
         let mut used = false;
-        while let Some(msg) = self.control_out.front() {
-            let Some(n) = write_to_next_buffer(ctx.mem, &mut ctx.queues[CTRL_RX], msg)? else {
-                break;
-            };
-            if n < msg.len() {
-                log_ratelimit::warn_limited!(
-                    "virtio-console: control buffer too small ({n} < {})",
-                    msg.len()
-                );
+        loop {
+            while let Some(msg) = self.control_out.front() {
+                let Some(n) = write_to_next_buffer(ctx.mem, &mut ctx.queues[CTRL_RX], msg)? else {
+                    break;
+                };
+                if n < msg.len() {
+                    log_ratelimit::warn_limited!(
+                        "virtio-console: control buffer too small ({n} < {})",
+                        msg.len()
+                    );
+                }
+                self.control_out.pop_front();
+                used = true;
             }
-            self.control_out.pop_front();
-            used = true;
+            let waiting = !self.control_out.is_empty();
+            if !self
+                .ctrl_rx
+                .update(ctx.mem, &mut ctx.queues[CTRL_RX], waiting)?
+            {
+                break;
+            }
         }
         if used {
             ctx.notify_used(CTRL_RX);
@@ -225,20 +232,8 @@ impl Console {
                 self.to_guest.drain(..n);
                 used = true;
             }
-            let q = &mut ctx.queues[RX1];
-            if self.to_guest.is_empty() {
-                if !self.rx_quiet {
-                    q.disable_notification(ctx.mem).map_err(ring_error)?;
-                    self.rx_quiet = true;
-                }
-                break;
-            }
-            // Out of buffers: the guest's next one must be notified.
-            if !self.rx_quiet {
-                break;
-            }
-            self.rx_quiet = false;
-            if !q.enable_notification(ctx.mem).map_err(ring_error)? {
+            let waiting = !self.to_guest.is_empty();
+            if !self.rx.update(ctx.mem, &mut ctx.queues[RX1], waiting)? {
                 break;
             }
         }
@@ -397,12 +392,17 @@ impl VirtioDevice for Console {
         }
     }
 
-    fn activate(&mut self, features: u64, _ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
+    fn activate(&mut self, features: u64, ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
         if features & VIRTIO_CONSOLE_F_MULTIPORT == 0 {
             return Err(DeviceFailure(
                 "the driver did not accept VIRTIO_CONSOLE_F_MULTIPORT".into(),
             ));
         }
+        // Nothing waits for the guest yet: it need not notify the receive
+        // buffers it is about to add (hundreds of them).
+        self.ctrl_rx
+            .update(ctx.mem, &mut ctx.queues[CTRL_RX], false)?;
+        self.rx.update(ctx.mem, &mut ctx.queues[RX1], false)?;
         Ok(())
     }
 

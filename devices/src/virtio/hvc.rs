@@ -24,7 +24,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::console::VIRTIO_ID_CONSOLE;
 use super::{
-    complete, read_next_chain, write_to_next_buffer, DeviceFailure, QueueContext, VirtioDevice,
+    complete, read_next_chain, write_to_next_buffer, DeviceFailure, QueueContext, RxNotifications,
+    VirtioDevice,
 };
 use crate::output::GuestOutput;
 
@@ -96,6 +97,7 @@ impl HvcInput {
 pub struct Hvc {
     out: GuestOutput,
     input: std::sync::Arc<HvcInput>,
+    rx: RxNotifications,
 }
 
 impl std::fmt::Debug for Hvc {
@@ -107,11 +109,34 @@ impl std::fmt::Debug for Hvc {
 impl Hvc {
     /// A console writing to `out` and reading from `input`.
     pub fn new(out: GuestOutput, input: std::sync::Arc<HvcInput>) -> Self {
-        Self { out, input }
+        Self {
+            out,
+            input,
+            rx: RxNotifications::default(),
+        }
     }
 
     /// Moves held input into the guest's receive buffers.
     fn flush_input(&mut self, ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
+        let mut moved = self.deliver(ctx)?;
+        // Keyboard input is rare: the guest's new buffers need no
+        // notification unless input waits for one.
+        loop {
+            let waiting = !self.input.held().is_empty();
+            if !self.rx.update(ctx.mem, &mut ctx.queues[RX], waiting)? {
+                break;
+            }
+            moved |= self.deliver(ctx)?;
+        }
+        if moved {
+            ctx.notify_used(RX);
+            let _ = self.input.ready.write(1);
+        }
+        Ok(())
+    }
+
+    /// Fills the guest's receive buffers with held input; whether any moved.
+    fn deliver(&mut self, ctx: &mut QueueContext) -> Result<bool, DeviceFailure> {
         let mut moved = false;
         loop {
             let chunk: Vec<u8> = {
@@ -127,11 +152,7 @@ impl Hvc {
             self.input.held().drain(..n);
             moved = true;
         }
-        if moved {
-            ctx.notify_used(RX);
-            let _ = self.input.ready.write(1);
-        }
-        Ok(())
+        Ok(moved)
     }
 
     fn take_output(&mut self, ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
@@ -167,8 +188,9 @@ impl VirtioDevice for Hvc {
         data.fill(0);
     }
 
-    fn activate(&mut self, _features: u64, _ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
-        Ok(())
+    fn activate(&mut self, _features: u64, ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
+        // Input held from before the driver came waits for its buffers.
+        self.flush_input(ctx)
     }
 
     fn process_queue(&mut self, index: usize, ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
@@ -180,7 +202,8 @@ impl VirtioDevice for Hvc {
     }
 
     fn reset(&mut self) {
-        // Nothing negotiated to forget; held input waits for the next driver.
+        // Held input waits for the next driver.
+        self.rx = RxNotifications::default();
     }
 }
 
@@ -239,11 +262,16 @@ mod tests {
         let input = Arc::new(HvcInput::new().unwrap());
         let mut d = Hvc::new(out, input.clone());
         d.activate(0, &mut g.ctx()).unwrap();
+        assert!(
+            !g.notifications_wanted(RX),
+            "no input: the guest need not notify its buffers"
+        );
         assert_eq!(input.enqueue(b"ls -l\n"), 6);
         assert_eq!(input.pending().read().unwrap(), 1, "the VMM thread is told");
-        // No receive buffer yet: held.
+        // No receive buffer yet: held, and the next buffer must be notified.
         d.process_queue(RX, &mut g.ctx()).unwrap();
         assert_eq!(input.len(), 6);
+        assert!(g.notifications_wanted(RX));
         assert!(input.ready().read().is_err(), "nothing taken yet");
         // A 4-byte buffer takes 4, a second one the rest.
         let a = g.offer(RX, 4);

@@ -103,6 +103,50 @@ impl QueueContext<'_> {
     }
 }
 
+/// Notifications of a receive queue (one the driver fills with buffers for
+/// the device to write into), asked for only while the device holds bytes
+/// that wait for a buffer. Linux notifies each buffer it adds, and fills a
+/// console's receive queues with hundreds at once: each notification costs
+/// the guest an exit.
+#[derive(Debug, Default)]
+pub(crate) struct RxNotifications {
+    /// The driver was told not to notify.
+    quiet: bool,
+}
+
+impl RxNotifications {
+    /// After the device delivered what buffers allowed: `waiting` says
+    /// whether bytes still wait. Returns true when the driver added buffers
+    /// while notifications were off: deliver again.
+    pub(crate) fn update(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        q: &mut Queue,
+        waiting: bool,
+    ) -> Result<bool, DeviceFailure> {
+        if !q.ready() {
+            return Ok(false);
+        }
+        if !waiting {
+            if !self.quiet {
+                q.disable_notification(mem).map_err(ring_error)?;
+                self.quiet = true;
+            }
+            return Ok(false);
+        }
+        if !self.quiet {
+            return Ok(false);
+        }
+        self.quiet = false;
+        q.enable_notification(mem).map_err(ring_error)
+    }
+}
+
+/// A ring the device could not update (the driver gave bad addresses).
+pub(crate) fn ring_error(e: virtio_queue::Error) -> DeviceFailure {
+    DeviceFailure(format!("ring: {e:?}"))
+}
+
 /// `VRING_AVAIL_F_NO_INTERRUPT`: the driver needs no interrupt for used buffers.
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 

@@ -102,7 +102,9 @@ pub struct RunCli {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_cpus)]
     pub cpus: u8,
 
-    /// More kernel command-line arguments (after minivmm's own).
+    /// More kernel command-line arguments, after minivmm's own: "console=ttyS0
+    /// panic=-1 cryptomgr.notests" and "quiet" unless --verbose (a later
+    /// argument wins: "cryptomgr.notests=0" runs the crypto self-tests).
     #[arg(long, value_name = "ARGS", default_value = "")]
     pub append: String,
 

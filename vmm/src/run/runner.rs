@@ -25,9 +25,11 @@ const NEEDED_MODULES: &[&str] = &["virtio_mmio", "virtio_console"];
 const WANTED_MODULES: &[&str] = &["pvpanic", "pvpanic_mmio"];
 
 /// Kernel command line before the user's `--append`: the console on COM1,
-/// quiet (every byte on the 16550 is a VM exit), and a panic reboots at once
-/// (reported as a VM failure when pvpanic is not there to say "panic").
-const BASE_CMDLINE: &str = "console=ttyS0 panic=-1";
+/// quiet (every byte on the 16550 is a VM exit), a panic reboots at once
+/// (reported as a VM failure when pvpanic is not there to say "panic"), and
+/// no crypto self-tests at boot (`cryptomgr.notests`: the longest initcall of
+/// a Debian kernel; `--append cryptomgr.notests=0` runs them again).
+const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 cryptomgr.notests";
 
 /// Where `--host-root` mounts the host's `/` in the guest: the command's root.
 const HOST_ROOT: &str = "/.minivmm/root";

@@ -355,3 +355,24 @@ fn receive_buffers_are_notified_only_while_bytes_wait_for_one() {
     assert_eq!(c.pending_to_guest(), 0);
     assert!(!g.notifications_wanted(RX1));
 }
+
+#[test]
+fn receive_queues_ask_for_no_notifications_until_something_waits() {
+    let m = mem();
+    let mut g = Guest::new(&m);
+    let mut c = Console::default();
+    c.activate(VIRTIO_CONSOLE_F_MULTIPORT, &mut g.ctx())
+        .unwrap();
+    assert!(
+        !g.notifications_wanted(CTRL_RX) && !g.notifications_wanted(RX1),
+        "the guest's hundreds of receive buffers need no notification"
+    );
+    // DEVICE_READY with no control buffer: PORT_ADD waits for one.
+    g.send(CTRL_TX, &control(0xffff_ffff, event::DEVICE_READY, 1));
+    c.process_queue(CTRL_TX, &mut g.ctx()).unwrap();
+    assert!(g.notifications_wanted(CTRL_RX));
+    let buf = g.offer(CTRL_RX, 64);
+    c.process_queue(CTRL_RX, &mut g.ctx()).unwrap();
+    assert_eq!(g.read(buf, 8), control(1, event::PORT_ADD, 0));
+    assert!(!g.notifications_wanted(CTRL_RX));
+}
