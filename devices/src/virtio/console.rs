@@ -92,6 +92,8 @@ pub struct Console {
     /// The guest was told not to notify the transmit queue: the device
     /// looks at it every [`TX_POLL_INTERVAL`] instead, while data flows.
     tx_polling: bool,
+    /// Transmit buffers read but not yet given back (see `transmit`).
+    tx_held: Vec<u16>,
     /// Notifications of the agent port's receive buffers.
     rx: RxNotifications,
     /// Notifications of the control receive buffers.
@@ -117,6 +119,7 @@ impl Console {
             port_changes: Vec::new(),
             tx_stalled: false,
             tx_polling: false,
+            tx_held: Vec::new(),
             rx: RxNotifications::default(),
             ctrl_rx: RxNotifications::default(),
         }
@@ -238,6 +241,11 @@ impl Console {
             }
         }
         if used {
+            // One interrupt for both: the request, and the buffers of the
+            // last reply (held since, see `transmit`).
+            if self.return_held(ctx)? {
+                ctx.notify_used(TX1);
+            }
             ctx.notify_used(RX1);
             if self.tx_polling {
                 self.stop_polling(ctx)?;
@@ -252,12 +260,20 @@ impl Console {
     /// small writes; a notification and an interrupt for each cost it three
     /// exits): once a notification brings data, the device asks the guest
     /// for no more notifications (`VRING_USED_F_NO_NOTIFY`) and looks at the
-    /// queue every [`TX_POLL_INTERVAL`] instead, completing what gathered
-    /// with one interrupt. A look that finds nothing, or host data for the
-    /// guest (a new request: its reply should not wait for a poll), turns
-    /// notifications back on.
+    /// queue every [`TX_POLL_INTERVAL`] instead. A look that finds nothing,
+    /// or host data for the guest (a new request: its reply should not wait
+    /// for a poll), turns notifications back on.
+    ///
+    /// The bytes are taken at once, but the buffers go back to the guest a
+    /// round later (at the next look, with the next host data, or when half
+    /// the ring is out), each round with one interrupt: the guest's writes
+    /// never wait for them (Linux's port writes only wait for a full ring),
+    /// and an agent's reply then costs no interrupt of its own: the next
+    /// request's carries its buffers back.
     fn transmit(&mut self, ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
-        let mut any = false;
+        // What the previous round took goes back now.
+        let mut returned = self.return_held(ctx)?;
+        let mut took = false;
         // Back-pressure, never a loss: past the bound, the guest's
         // buffers stay in the ring until the host takes its bytes.
         self.tx_stalled = false;
@@ -275,13 +291,21 @@ impl Console {
             else {
                 break;
             };
-            complete(ctx.mem, &mut ctx.queues[TX1], head)?;
-            any = true;
+            self.tx_held.push(head);
+            took = true;
+            if self.tx_held.len() >= usize::from(ctx.queues[TX1].size() / 2).max(1) {
+                // Half the ring out: the guest's writes would soon wait.
+                returned |= self.return_held(ctx)?;
+            }
         }
-        if any {
+        let flowing = took && !self.tx_stalled;
+        if !flowing {
+            returned |= self.return_held(ctx)?;
+        }
+        if returned {
             ctx.notify_used(TX1);
         }
-        if any && !self.tx_stalled {
+        if flowing {
             if !self.tx_polling {
                 ctx.queues[TX1]
                     .disable_notification(ctx.mem)
@@ -295,6 +319,18 @@ impl Console {
         } else {
             Ok(())
         }
+    }
+
+    /// Gives the guest back the transmit buffers taken but not yet returned;
+    /// whether there were any (the caller notifies).
+    fn return_held(&mut self, ctx: &mut QueueContext) -> Result<bool, DeviceFailure> {
+        if self.tx_held.is_empty() {
+            return Ok(false);
+        }
+        for head in self.tx_held.drain(..) {
+            complete(ctx.mem, &mut ctx.queues[TX1], head)?;
+        }
+        Ok(true)
     }
 
     /// Turns the guest's transmit notifications back on; takes what it
@@ -451,11 +487,12 @@ impl VirtioDevice for Console {
 
     fn report(&self) -> Option<String> {
         Some(format!(
-            "port open by the guest {}, {} bytes from the guest not yet taken (transmit stalled {}, polled {}), {} bytes and {} control messages waiting for the guest",
+            "port open by the guest {}, {} bytes from the guest not yet taken (transmit stalled {}, polled {}, {} buffers held), {} bytes and {} control messages waiting for the guest",
             self.guest_open,
             self.from_guest.len(),
             self.tx_stalled,
             self.tx_polling,
+            self.tx_held.len(),
             self.to_guest.len(),
             self.control_out.len()
         ))

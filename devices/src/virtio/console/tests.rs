@@ -70,7 +70,9 @@ fn handshake_then_data_both_ways() {
     g.send(TX1, b"{\"execute\":\"guest-ping\"}\n");
     c.process_queue(TX1, &mut g.ctx()).unwrap();
     assert_eq!(c.take_from_guest(), b"{\"execute\":\"guest-ping\"}\n");
-    assert_eq!(g.used(TX1).len(), 1);
+    assert!(g.used(TX1).is_empty(), "the buffer goes back a round later");
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert_eq!(g.used(TX1).len(), 1, "at the next look");
     assert!(c.take_from_guest().is_empty());
 }
 
@@ -200,7 +202,7 @@ fn a_host_not_reading_stalls_the_guest_without_losing_bytes() {
     let report = c.report().unwrap();
     assert!(
         report.contains(&format!(
-            "{MAX_PENDING_FROM_GUEST} bytes from the guest not yet taken (transmit stalled true, polled false)"
+            "{MAX_PENDING_FROM_GUEST} bytes from the guest not yet taken (transmit stalled true, polled false, 0 buffers held)"
         )),
         "{report}"
     );
@@ -225,16 +227,19 @@ fn no_interrupt_when_the_driver_asks_for_none() {
     let mut g = Guest::new(&m);
     let mut c = handshake(&mut g);
     g.interrupt.ack(INT_VRING);
-    // As Linux's virtio_console does for its transmit queue.
+    // A driver that needs no interrupt for its transmit buffers.
     g.suppress_interrupts(TX1, true);
     g.send(TX1, b"quiet");
     c.process_queue(TX1, &mut g.ctx()).unwrap();
-    assert_eq!(g.used(TX1).len(), 1, "the buffer is used all the same");
     assert_eq!(c.take_from_guest(), b"quiet");
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert_eq!(g.used(TX1).len(), 1, "the buffer is used all the same");
     assert_eq!(g.interrupt.status() & INT_VRING, 0, "no interrupt");
     g.suppress_interrupts(TX1, false);
     g.send(TX1, b"loud");
     c.process_queue(TX1, &mut g.ctx()).unwrap();
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert_eq!(g.used(TX1).len(), 1);
     assert_ne!(g.interrupt.status() & INT_VRING, 0, "an interrupt");
 }
 
@@ -259,15 +264,14 @@ fn a_guest_writing_on_is_polled_instead_of_notifying() {
     g.send(TX1, b"three");
     c.process_queue(TX1, &mut g.ctx()).unwrap();
     assert_eq!(c.take_from_guest(), b"twothree");
-    assert_eq!(g.used(TX1).len(), 3);
-    assert_ne!(
-        g.interrupt.status() & INT_VRING,
-        0,
-        "one interrupt for both"
-    );
+    assert_eq!(g.used(TX1).len(), 1, "the last round's buffer goes back");
+    assert_ne!(g.interrupt.status() & INT_VRING, 0, "with an interrupt");
     assert_eq!(c.polling(), Some((TX1, TX_POLL_INTERVAL)), "still flowing");
-    // A poll that finds nothing: notifications again.
+    // A poll that finds nothing: the rest back, notifications again.
+    g.interrupt.ack(INT_VRING);
     c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert_eq!(g.used(TX1).len(), 2, "both in one round");
+    assert_ne!(g.interrupt.status() & INT_VRING, 0, "one interrupt");
     assert!(g.notifications_wanted(TX1));
     assert_eq!(c.polling(), None);
     // A notification then starts over.
@@ -375,4 +379,32 @@ fn receive_queues_ask_for_no_notifications_until_something_waits() {
     c.process_queue(CTRL_RX, &mut g.ctx()).unwrap();
     assert_eq!(g.read(buf, 8), control(1, event::PORT_ADD, 0));
     assert!(!g.notifications_wanted(CTRL_RX));
+}
+
+#[test]
+fn a_reply_goes_back_with_the_next_request_or_when_half_the_ring_is_out() {
+    let m = mem();
+    let mut g = Guest::new(&m);
+    let mut c = handshake(&mut g);
+    g.send(TX1, b"{\"return\": {}}\n");
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert_eq!(c.take_from_guest(), b"{\"return\": {}}\n");
+    assert!(g.used(TX1).is_empty());
+    // The next request: its delivery gives the reply's buffer back.
+    let rx = g.offer(RX1, 64);
+    c.send_to_guest(b"{\"execute\":\"guest-ping\"}\n", &mut g.ctx())
+        .unwrap();
+    assert_eq!(g.used(TX1).len(), 1);
+    assert_eq!(g.used(RX1).len(), 1);
+    assert_eq!(g.read(rx, 4), b"{\"ex");
+    assert_eq!(c.polling(), None);
+    // Ten writes on a ring of 16: when 8 are out, they go back at once.
+    for i in 0..10u8 {
+        g.send(TX1, &[b'0' + i]);
+    }
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert_eq!(c.take_from_guest(), b"0123456789");
+    assert_eq!(g.used(TX1).len(), 8);
+    c.process_queue(TX1, &mut g.ctx()).unwrap();
+    assert_eq!(g.used(TX1).len(), 2, "the rest at the next look");
 }
