@@ -17,7 +17,7 @@ fi
 
 for i in $(seq "$runs"); do
     start=$(date +%s%N)
-    target/release/minivmm --kernel "$IMAGES/vmlinuz" --initrd "$IMAGES/initrd.img" \
+    target/x86_64-unknown-linux-gnu/release/minivmm --kernel "$IMAGES/vmlinuz" --initrd "$IMAGES/initrd.img" \
         --append "console=ttyS0 quiet minivmm.action=poweroff" --memory 512M --cpus 1 </dev/null |
         {
             banner=""

@@ -46,11 +46,11 @@ if [[ "${MINIVMM_BENCH_INNER:-}" == 1 ]]; then
     echo "MINIVMM-BENCH-MACHINE $(nproc) cpus, $(awk '/MemTotal/ {printf "%d MiB", $2/1024}' /proc/meminfo), kernel $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
     echo "MINIVMM-BENCH-QEMU $(qemu-system-x86_64 --version | head -n1)"
     [[ "$only" =~ ^(|run)$ ]] && echo "MINIVMM-BENCH-RUN $(/usr/bin/python3 resources/bench/run_vs_qemu.py \
-        --minivmm target/release/minivmm --images "$IMAGES" --rounds "$rounds")"
+        --minivmm target/x86_64-unknown-linux-gnu/release/minivmm --images "$IMAGES" --rounds "$rounds")"
     [[ "$only" =~ ^(|vmm)$ ]] && echo "MINIVMM-BENCH-VMM $(/usr/bin/python3 resources/bench/vmm_vs_qemu.py \
-        --minivmm target/release/minivmm --images "$IMAGES" --rounds "$rounds")"
+        --minivmm target/x86_64-unknown-linux-gnu/release/minivmm --images "$IMAGES" --rounds "$rounds")"
     [[ "$only" =~ ^(|fs)$ ]] && echo "MINIVMM-BENCH-FS $(/usr/bin/python3 resources/bench/fs_vs_qemu.py \
-        --minivmm target/release/minivmm --images "$IMAGES" --rounds "$rounds")"
+        --minivmm target/x86_64-unknown-linux-gnu/release/minivmm --images "$IMAGES" --rounds "$rounds")"
     exit 0
 fi
 

@@ -16,7 +16,7 @@ IMAGES=${MINIVMM_IMAGES:-$PWD/target/images}
 
 resources/build-images.sh
 cargo build --release -p minivmm
-BIN=$PWD/target/release/minivmm
+BIN=$PWD/target/x86_64-unknown-linux-gnu/release/minivmm
 
 if grep -qwE 'vmx|svm' /proc/cpuinfo && [[ -e /dev/kvm ]]; then
     exec "$BIN" --kernel "$IMAGES/vmlinuz" --initrd "$IMAGES/initrd.img" \

@@ -47,8 +47,11 @@ RUST_VIRTIOFSD_VERSION=1.14.0
 rust_virtiofsd=$PWD/target/rust-virtiofsd/bin/virtiofsd
 if ! "$rust_virtiofsd" --version 2>/dev/null | grep -qF "$RUST_VIRTIOFSD_VERSION"; then
     echo "run-tests: building the Rust virtiofsd $RUST_VIRTIOFSD_VERSION (cargo install)"
-    cargo install --quiet --locked --force virtiofsd --version "$RUST_VIRTIOFSD_VERSION" \
-        --root "$PWD/target/rust-virtiofsd"
+    # From outside the workspace: its .cargo/config.toml (a static minivmm)
+    # is not for virtiofsd.
+    root=$PWD/target/rust-virtiofsd
+    (cd / && cargo install --quiet --locked --force virtiofsd --version "$RUST_VIRTIOFSD_VERSION" \
+        --root "$root")
 fi
 export MINIVMM_RUST_VIRTIOFSD=$rust_virtiofsd
 

@@ -5,7 +5,7 @@ per-thread CPU during a 16 MiB `guest-file-read`, for minivmm or QEMU.
 
 A diagnostic, not part of the benchmark; needs perf and a KVM host (nested:
 `resources/nested-run.sh resources/bench/agent_read_exits.py [qemu]`, with
-target/release/minivmm and the images built).
+target/x86_64-unknown-linux-gnu/release/minivmm and the images built).
 """
 import os, subprocess, sys, tempfile, time
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -15,7 +15,7 @@ from vmm_vs_qemu import argv_minivmm, argv_qemu
 
 REPO = os.path.dirname(os.path.dirname(HERE))
 images = os.path.join(REPO, "target/images")
-binary = os.path.join(REPO, "target/release/minivmm")
+binary = os.path.join(REPO, "target/x86_64-unknown-linux-gnu/release/minivmm")
 
 def threads(pid):
     out = []

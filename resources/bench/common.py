@@ -225,20 +225,26 @@ class Console:
             return len(self.data)
 
 
-def rss_without_guest_ram_kib(pid):
-    """The process's resident memory outside its guest RAM mapping(s), KiB.
+def rss_without_guest_ram_kib(pid, files_only=False):
+    """The process's resident memory outside its guest RAM mapping(s), KiB;
+    with `files_only`, only what is mapped from files (the program and its
+    shared libraries: code and read-only data, shared with the page cache).
 
     Guest RAM is the mappings at least half the guest's size (one for both
     VMMs at 512 MiB); everything else is the VMM's own."""
-    total, mapping_kib = 0, 0
+    total, mapping_kib, counted = 0, 0, True
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
-            head = line.split()[0]
+            fields = line.split()
+            head = fields[0]
             if "-" in head and not head.endswith(":"):
                 lo, hi = (int(x, 16) for x in head.split("-"))
                 mapping_kib = (hi - lo) // 1024
-            elif head == "Rss:" and mapping_kib < MEMORY_MIB * 1024 // 2:
-                total += int(line.split()[1])
+                # A file mapping: an inode (5th field) and a path.
+                from_file = len(fields) > 5 and fields[4] != "0" and fields[5].startswith("/")
+                counted = mapping_kib < MEMORY_MIB * 1024 // 2 and (from_file or not files_only)
+            elif head == "Rss:" and counted:
+                total += int(fields[1])
     return total
 
 

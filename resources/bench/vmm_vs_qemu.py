@@ -106,6 +106,7 @@ def one_round(name, argv, qmp_path, agent_path, tmp, console_bytes, hvc_bytes):
         agent.cmd("guest-ping")
         r["agent"] = (now() - start) * 1000.0
         r["rss_kib"] = rss_without_guest_ram_kib(p.pid)
+        r["rss_files_kib"] = rss_without_guest_ram_kib(p.pid, files_only=True)
         r["qmp_rtt"] = median_ms(lambda: qmp.cmd("query-status"), 200)
         r["ping_rtt"] = median_ms(lambda: agent.cmd("guest-ping"), 100)
 
@@ -150,7 +151,7 @@ def one_round(name, argv, qmp_path, agent_path, tmp, console_bytes, hvc_bytes):
 
 
 METRICS = ["init", "agent", "uptime_at_init", "qmp_rtt", "ping_rtt", "rss_kib",
-           "rss_after_read_kib", "file_read", "file_read_cpu", "console", "hvc"]
+           "rss_files_kib", "rss_after_read_kib", "file_read", "file_read_cpu", "console", "hvc"]
 
 
 def main():

@@ -264,15 +264,16 @@ impl Console {
     /// or host data for the guest (a new request: its reply should not wait
     /// for a poll), turns notifications back on.
     ///
-    /// The bytes are taken at once, but the buffers go back to the guest a
-    /// round later (at the next look, with the next host data, or when half
-    /// the ring is out), each round with one interrupt: the guest's writes
-    /// never wait for them (Linux's port writes only wait for a full ring),
-    /// and an agent's reply then costs no interrupt of its own: the next
-    /// request's carries its buffers back.
+    /// The bytes are taken at once, but the buffers go back to the guest
+    /// later, many with one interrupt: when half the ring is out, when the
+    /// guest stops writing (a look that finds nothing), or with the next
+    /// host data for the guest. The guest's writes never wait for them
+    /// (Linux's port writes wait only for a full ring), a stream costs an
+    /// interrupt per half ring instead of one per write, and an agent's
+    /// reply costs none of its own: the next request's carries its buffers
+    /// back.
     fn transmit(&mut self, ctx: &mut QueueContext) -> Result<(), DeviceFailure> {
-        // What the previous round took goes back now.
-        let mut returned = self.return_held(ctx)?;
+        let mut returned = false;
         let mut took = false;
         // Back-pressure, never a loss: past the bound, the guest's
         // buffers stay in the ring until the host takes its bytes.
