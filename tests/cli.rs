@@ -358,6 +358,9 @@ fn run_bad_inputs_are_one_clear_line_each() {
     .unwrap();
     let builtin = builtin.display().to_string();
     let share = format!("{}:/mnt", dir.display());
+    let not_cpio = dir.join("not-cpio.img");
+    std::fs::write(&not_cpio, "plain text\n").unwrap();
+    let not_cpio = not_cpio.display().to_string();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec![
@@ -406,6 +409,36 @@ fn run_bad_inputs_are_one_clear_line_each() {
                 "true",
             ],
             "/nonexistent/file",
+        ),
+        // Found while the initramfs is made, on its own thread as the VM
+        // is set up: the same one line.
+        (
+            vec![
+                "run",
+                "--kernel",
+                &k,
+                "--modules",
+                &builtin,
+                "--add",
+                "/nonexistent/file",
+                "--",
+                "true",
+            ],
+            "/nonexistent/file",
+        ),
+        (
+            vec![
+                "run",
+                "--kernel",
+                &k,
+                "--modules",
+                &builtin,
+                "--initrd",
+                &not_cpio,
+                "--",
+                "true",
+            ],
+            "is not a newc cpio initramfs",
         ),
         (vec!["run", "--kernel", &k, "--", ""], "no command"),
         (

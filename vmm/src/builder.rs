@@ -78,6 +78,9 @@ pub enum BuildError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The initrd another thread was making failed (that thread says why).
+    #[error("the initramfs was not made")]
+    InitrdNotMade,
     /// The host lacks a KVM feature minivmm needs.
     #[error("KVM on this host lacks {0}, which minivmm needs")]
     MissingCap(&'static str),
@@ -489,6 +492,11 @@ pub fn build_vm(cfg: &VmConfig, b: &Persistent, paused: bool) -> Result<Vm, Buil
     register_memory(&vm, &mem)?;
 
     let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
+    if let Some(gate) = &cfg.initrd_gate {
+        if !gate.wait() {
+            return Err(BuildError::InitrdNotMade);
+        }
+    }
     let initrd = match &cfg.initrd {
         Some(p) => Some(boot::load_initrd(&mem, cfg.memory, p, &kernel)?),
         None => None,

@@ -255,6 +255,7 @@ impl From<Cli> for VmConfig {
         Self {
             kernel: c.kernel,
             initrd: c.initrd,
+            initrd_gate: None,
             cmdline: c
                 .append
                 .unwrap_or_else(|| c.console.default_cmdline().to_string()),

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::{Arc, Condvar, Mutex};
 
 pub use qmp::server::Endpoint;
 
@@ -14,6 +15,9 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     /// Initrd path.
     pub initrd: Option<PathBuf>,
+    /// The initrd is still being written by another thread: the VM waits for
+    /// it before loading it (`minivmm run` makes its initramfs meanwhile).
+    pub initrd_gate: Option<InitrdGate>,
     /// Kernel command line.
     pub cmdline: String,
     /// Guest RAM in bytes.
@@ -53,6 +57,34 @@ pub struct VmConfig {
     /// `minivmm run`: the virtio-console port is the run channel
     /// ([`run_protocol::PORT_NAME`]) instead of the guest agent's.
     pub run_channel: bool,
+}
+
+/// Opened once by whoever writes an initrd: whether it was made.
+#[derive(Debug, Clone, Default)]
+pub struct InitrdGate(Arc<(Mutex<Option<bool>>, Condvar)>);
+
+impl InitrdGate {
+    /// Says the initrd is there (`made`) or never will be.
+    pub fn open(&self, made: bool) {
+        let (state, cv) = &*self.0;
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.is_none() {
+            *s = Some(made);
+        }
+        cv.notify_all();
+    }
+
+    /// Waits until [`Self::open`]; whether the initrd was made.
+    pub fn wait(&self) -> bool {
+        let (state, cv) = &*self.0;
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(made) = *s {
+                return made;
+            }
+            s = cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 /// Which device is the guest's own console.
@@ -103,5 +135,26 @@ impl FromStr for SerialBackend {
                 )),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InitrdGate;
+
+    #[test]
+    fn the_initrd_gate_says_once_whether_it_was_made() {
+        let gate = InitrdGate::default();
+        let waiter = {
+            let g = gate.clone();
+            std::thread::spawn(move || g.wait())
+        };
+        gate.open(false);
+        gate.open(true); // too late: the first word stands
+        assert!(!waiter.join().unwrap());
+        assert!(!gate.wait());
+        let made = InitrdGate::default();
+        made.open(true);
+        assert!(made.wait());
     }
 }

@@ -13,7 +13,7 @@ use run_protocol::{Share, Spec};
 use super::cli::RunCli;
 use super::initramfs::{self, AddSpec};
 use super::verdict::{ending, result_json};
-use crate::config::{ConsoleKind, SerialBackend, VmConfig};
+use crate::config::{ConsoleKind, InitrdGate, SerialBackend, VmConfig};
 use crate::error::error_chain;
 use crate::share::ShareSpec;
 use crate::vmm::{run_vm, RunChannel};
@@ -67,6 +67,12 @@ pub enum RunError {
     /// The initramfs could not be handed to the VM.
     #[error("cannot hold the generated initramfs in memory")]
     Memfd(#[source] std::io::Error),
+    /// The thread making the initramfs could not start.
+    #[error("cannot start the thread making the initramfs")]
+    Thread(#[source] std::io::Error),
+    /// The thread making the initramfs panicked (a bug).
+    #[error("making the initramfs failed unexpectedly")]
+    InitramfsPanicked,
     /// The result file could not be written.
     #[error("cannot write the result file {path}")]
     Result {
@@ -167,8 +173,8 @@ fn layout(cli: &RunCli) -> Result<Layout, RunError> {
     Ok(l)
 }
 
-/// An in-memory file holding `bytes`, and a path the loader can open it by.
-fn memfd_with(bytes: &[u8]) -> Result<(OwnedFd, PathBuf), RunError> {
+/// An empty in-memory file, and a path the loader can open it by.
+fn empty_memfd() -> Result<(OwnedFd, PathBuf), RunError> {
     // SAFETY: memfd_create with a NUL-terminated name; no other memory passed.
     let fd = unsafe { libc::memfd_create(c"minivmm-initramfs".as_ptr(), 0) };
     if fd < 0 {
@@ -176,8 +182,6 @@ fn memfd_with(bytes: &[u8]) -> Result<(OwnedFd, PathBuf), RunError> {
     }
     // SAFETY: `fd` is a new descriptor that nothing else owns.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut f = std::fs::File::from(owned.try_clone().map_err(RunError::Memfd)?);
-    f.write_all(bytes).map_err(RunError::Memfd)?;
     Ok((owned, PathBuf::from(format!("/proc/self/fd/{fd}"))))
 }
 
@@ -187,7 +191,10 @@ fn log_to_stderr(cli: &RunCli) -> bool {
     cli.verbose && cli.serial.is_some()
 }
 
-fn prepare(cli: &RunCli) -> Result<(VmConfig, OwnedFd), RunError> {
+/// The thread making the initramfs.
+type Making = std::thread::JoinHandle<Result<(), RunError>>;
+
+fn prepare(cli: &RunCli) -> Result<(VmConfig, OwnedFd, Making), RunError> {
     if cli.command.is_empty() || cli.command[0].is_empty() {
         return Err(RunError::NoCommand);
     }
@@ -224,20 +231,43 @@ fn prepare(cli: &RunCli) -> Result<(VmConfig, OwnedFd), RunError> {
         // The log records go to stderr too when the console does not.
         verbose: log_to_stderr(cli),
     };
-    let made = std::time::Instant::now();
-    let image = initramfs::build(
-        super::init::INIT_ELF,
-        &spec,
-        cli.initrd.as_deref(),
-        &modules,
-        &adds,
-    )?;
-    log::debug!(
-        "run: initramfs of {} bytes made in {:?}",
-        image.len(),
-        made.elapsed()
-    );
-    let (fd, path) = memfd_with(&image)?;
+    // The initramfs (reading and unpacking the initrd, the modules, the
+    // added files) is made on a thread while the VM is set up; the VM waits
+    // for it before loading it.
+    let (fd, path) = empty_memfd()?;
+    let mut file = std::fs::File::from(fd.try_clone().map_err(RunError::Memfd)?);
+    let gate = InitrdGate::default();
+    let opened = gate.clone();
+    let initrd = cli.initrd.clone();
+    let making = std::thread::Builder::new()
+        .name("initramfs".into())
+        .spawn(move || {
+            // Opens the gate whatever happens, a panic included.
+            struct Open(InitrdGate, bool);
+            impl Drop for Open {
+                fn drop(&mut self) {
+                    self.0.open(self.1);
+                }
+            }
+            let mut open = Open(opened, false);
+            let made = Instant::now();
+            let image = initramfs::build(
+                super::init::INIT_ELF,
+                &spec,
+                initrd.as_deref(),
+                &modules,
+                &adds,
+            )?;
+            file.write_all(&image).map_err(RunError::Memfd)?;
+            log::debug!(
+                "run: initramfs of {} bytes made in {:?}",
+                image.len(),
+                made.elapsed()
+            );
+            open.1 = true;
+            Ok(())
+        })
+        .map_err(RunError::Thread)?;
     let mut cmdline = BASE_CMDLINE.to_string();
     if !cli.verbose {
         cmdline.push_str(" quiet");
@@ -249,6 +279,7 @@ fn prepare(cli: &RunCli) -> Result<(VmConfig, OwnedFd), RunError> {
     let cfg = VmConfig {
         kernel: cli.kernel.clone(),
         initrd: Some(path),
+        initrd_gate: Some(gate),
         cmdline,
         memory: cli.memory,
         cpus: cli.cpus,
@@ -269,25 +300,34 @@ fn prepare(cli: &RunCli) -> Result<(VmConfig, OwnedFd), RunError> {
         virtiofsd: cli.virtiofsd.clone(),
         run_channel: true,
     };
-    Ok((cfg, fd))
+    Ok((cfg, fd, making))
 }
 
 /// Runs `cli`; returns minivmm's exit status. `spawned` is when minivmm
 /// started (for the timings).
 pub fn execute(cli: RunCli, spawned: Instant) -> u8 {
-    let (cfg, _initramfs) = match prepare(&cli) {
+    let (cfg, _initramfs, making) = match prepare(&cli) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("minivmm: error: {}", error_chain(&e));
             return 125;
         }
     };
-    let (outcome, report) = match run_vm(
+    let ran = run_vm(
         cfg,
         Some(RunChannel {
             verbose: log_to_stderr(&cli),
         }),
-    ) {
+    );
+    // The VM loaded the initramfs or gave up on it: the thread is done.
+    let made = making
+        .join()
+        .unwrap_or_else(|_| Err(RunError::InitramfsPanicked));
+    if let Err(e) = made {
+        eprintln!("minivmm: error: {}", error_chain(&e));
+        return 125;
+    }
+    let (outcome, report) = match ran {
         Ok((o, Some(r))) => (o, r),
         Ok((o, None)) => (o, Default::default()),
         Err(e) => {
