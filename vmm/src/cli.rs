@@ -99,8 +99,9 @@ pub struct Cli {
     #[arg(long)]
     pub no_reboot: bool,
 
-    /// Stop the VM and exit with status 124 after this many seconds; where each
-    /// vcpu was (its registers) goes to stderr.
+    /// Stop the VM and exit with status 124 after this many seconds (counted
+    /// from when the VM is built); where each vcpu was (its registers) goes to
+    /// stderr.
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
     pub timeout: Option<u64>,
 

@@ -331,21 +331,8 @@ pub fn run_vm(
 
     let inputs: Inputs = Rc::new(RefCell::new(VecDeque::new()));
     let mut em = EventManager::<Box<dyn MutEventSubscriber>>::new().map_err(VmmError::EventLoop)?;
-    let timer = match cfg.timeout {
-        Some(secs) => {
-            let mut t = TimerFd::new().map_err(|e| VmmError::Timer(e.into()))?;
-            t.reset(Duration::from_secs(secs), None)
-                .map_err(|e| VmmError::Timer(e.into()))?;
-            Some(t)
-        }
-        None => None,
-    };
-    em.add_subscriber(Box::new(Controller {
-        events: persistent.events.clone(),
-        signals,
-        timer,
-        inputs: inputs.clone(),
-    }));
+    let timeout = cfg.timeout;
+    let events = persistent.events.clone();
     let qmp = server.map(|server| Monitor {
         id: em.add_subscriber(Box::new(server.clone())),
         server,
@@ -387,6 +374,23 @@ pub fn run_vm(
     let name = cfg.name.clone().unwrap_or_else(|| "vm".into());
     let mut rt = Runtime::start(cfg, persistent, monitors, proxy)?;
     log::info!("{name}: started ({})", rt.state().as_str());
+    // `--timeout` counts from here: the VM is built (`minivmm run`'s
+    // initramfs, made meanwhile on another thread, is loaded).
+    let timer = match timeout {
+        Some(secs) => {
+            let mut t = TimerFd::new().map_err(|e| VmmError::Timer(e.into()))?;
+            t.reset(Duration::from_secs(secs), None)
+                .map_err(|e| VmmError::Timer(e.into()))?;
+            Some(t)
+        }
+        None => None,
+    };
+    em.add_subscriber(Box::new(Controller {
+        events,
+        signals,
+        timer,
+        inputs: inputs.clone(),
+    }));
     let mut io = Io {
         inputs,
         qmp,

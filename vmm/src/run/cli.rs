@@ -90,7 +90,8 @@ pub struct RunCli {
     #[arg(long, value_name = "FILE")]
     pub result: Option<PathBuf>,
 
-    /// Stop the VM after this many seconds: exit status 124.
+    /// Stop the VM after this many seconds (counted from when the VM is built,
+    /// its initramfs loaded): exit status 124.
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
     pub timeout: Option<u64>,
 

@@ -320,9 +320,7 @@ pub fn execute(cli: RunCli, spawned: Instant) -> u8 {
         }),
     );
     // The VM loaded the initramfs or gave up on it: the thread is done.
-    let made = making
-        .join()
-        .unwrap_or_else(|_| Err(RunError::InitramfsPanicked));
+    let made = making.join().unwrap_or(Err(RunError::InitramfsPanicked));
     if let Err(e) = made {
         eprintln!("minivmm: error: {}", error_chain(&e));
         return 125;
