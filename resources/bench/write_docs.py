@@ -182,10 +182,11 @@ agent's JSON, writing it to the client), one well below it by the guest.""")
   request's interrupt costs the guest two exits to the VMM on both VMMs
   (virtio-mmio's interrupt status is read and acknowledged by MMIO; there is
   no MSI), then qemu-ga works for most of the round trip, then it notifies
-  the reply. minivmm adds nothing beyond that: the guest gives its receive
-  buffers back without notifying, and the reply's buffer goes back with the
-  next request's interrupt instead of one of its own. Going lower would take
-  an interrupt without those two exits (virtio-pci with MSI-X), not done.""")
+  the reply. minivmm adds no exit of its own beyond those: the guest gives
+  its receive buffers back without notifying, and the reply's buffer goes
+  back with the next request's interrupt instead of one of its own. Going
+  lower would take an interrupt without those two exits (virtio-pci with
+  MSI-X), not done.""")
     if unmet:
         print("\n### What stands in the way of the goals not met\n")
         print("\n".join(unmet))

@@ -75,12 +75,12 @@ pub fn create_guest_memory(size: u64, shared: bool) -> Result<GuestMemoryMmap, M
 }
 
 /// Asks the host to back `region` with transparent huge pages, as QEMU does
-/// for guest RAM: hosts in the common `madvise` mode (Debian's default) give
-/// them only to mappings that ask. The guest's first touch of each 2 MiB is
-/// then one fault instead of 512, and KVM maps it with one 2 MiB page: in
-/// the nested benchmark, the early boot's memory set-up was ~0.2 s slower
-/// than QEMU's without it. For memfd-backed RAM the host's `shmem_enabled`
-/// decides. Best effort: a host without THP just keeps 4 KiB pages.
+/// for guest RAM: hosts in THP's `madvise` mode give them only to mappings
+/// that ask, and in every mode only those that ask get them by compaction
+/// when free huge pages are short. The guest's first touch of each 2 MiB is
+/// then one fault instead of 512, and KVM maps it with one 2 MiB page. For
+/// memfd-backed RAM the host's `shmem_enabled` decides. Best effort: a host
+/// without THP just keeps 4 KiB pages.
 fn advise_huge_pages(region: &GuestRegionMmap) {
     use vm_memory::GuestMemoryRegion;
     // SAFETY: the range is exactly one mapping vm-memory just made and owns;
