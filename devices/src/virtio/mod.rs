@@ -4,9 +4,8 @@
 //! [`crate::bus::BusDevice`] on the MMIO bus). Queue notifications never go through
 //! a vcpu thread: each queue has an eventfd that KVM signals directly (ioeventfd)
 //! and that the VMM thread watches; it then calls [`mmio::MmioTransport::notify`],
-//! which runs the device's queue processing. Interrupts go to the guest through
-//! the device's direct line when the VMM gave it one ([`Interrupt::set_line`]),
-//! else through an irqfd. The device sits behind one mutex shared by both sides.
+//! which runs the device's queue processing. Interrupts go to the guest through an
+//! irqfd. The device sits behind one mutex shared by both sides.
 
 pub mod console;
 pub mod fs;
