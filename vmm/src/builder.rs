@@ -272,7 +272,7 @@ pub struct Vm {
     hvc_port: Option<HvcPort>,
     /// The `--share` devices; their daemons stop when the VM goes.
     fs_ports: Vec<crate::share::FsPort>,
-    vm_fd: Arc<VmFd>,
+    vm_fd: VmFd,
     _memory: GuestMemoryMmap,
     power_button: PowerButton,
     /// Guest clock saved by [`Vm::pause`], restored by [`Vm::resume`].
@@ -486,7 +486,7 @@ fn kernel_cmdline(user: &str, with_devices: bool, device_entries: &[String]) -> 
 
 /// Builds the VM described by `cfg` and starts its vcpus, parked if `paused`.
 pub fn build_vm(cfg: &VmConfig, b: &Persistent, paused: bool) -> Result<Vm, BuildError> {
-    let vm = Arc::new(create_vm(&b.kvm)?);
+    let vm = create_vm(&b.kvm)?;
     // Shared (a memfd) when a virtiofsd must map it.
     let mem = memory::create_guest_memory(cfg.memory, !cfg.shares.is_empty())?;
     register_memory(&vm, &mem)?;
@@ -503,8 +503,7 @@ pub fn build_vm(cfg: &VmConfig, b: &Persistent, paused: bool) -> Result<Vm, Buil
     };
 
     b.reset_serial()?;
-    let mut dm = DeviceManager::new(&*vm);
-    dm.set_direct_lines(crate::device_manager::kvm_lines(vm.clone()));
+    let mut dm = DeviceManager::new(&vm);
     let hvc = b
         .hvc_input
         .as_ref()

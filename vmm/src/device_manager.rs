@@ -176,8 +176,6 @@ impl Default for MmioSpace {
 /// built is then to be discarded, as [`crate::builder::build_vm`] does.
 pub struct DeviceManager<'a> {
     vm: &'a dyn EventfdRegistry,
-    /// Makes the direct line of a GSI for virtio devices' interrupts.
-    lines: Option<LineFactory>,
     space: MmioSpace,
     pio: Bus,
     mmio: Bus,
@@ -187,28 +185,7 @@ pub struct DeviceManager<'a> {
     mmio_devices: u32,
 }
 
-/// Makes, for a GSI, a function raising it (an edge: up, then down).
-pub type LineFactory = Box<dyn Fn(u32) -> devices::virtio::RaiseLine>;
-
-/// The direct lines of `vm`'s GSIs (KVM_IRQ_LINE).
-pub fn kvm_lines(vm: Arc<VmFd>) -> LineFactory {
-    Box::new(move |gsi| {
-        let vm = vm.clone();
-        Box::new(move || {
-            vm.set_irq_line(gsi, true)?;
-            vm.set_irq_line(gsi, false)?;
-            Ok(())
-        })
-    })
-}
-
 impl<'a> DeviceManager<'a> {
-    /// Virtio devices registered from now on raise their interrupt through
-    /// `lines` rather than from KVM's irqfd worker.
-    pub fn set_direct_lines(&mut self, lines: LineFactory) {
-        self.lines = Some(lines);
-    }
-
     /// A manager wiring eventfds into `vm`, with the machine's virtio-mmio layout.
     pub fn new(vm: &'a dyn EventfdRegistry) -> Self {
         Self::with_mmio_space(vm, MmioSpace::default())
@@ -218,7 +195,6 @@ impl<'a> DeviceManager<'a> {
     pub fn with_mmio_space(vm: &'a dyn EventfdRegistry, space: MmioSpace) -> Self {
         Self {
             vm,
-            lines: None,
             space,
             pio: Bus::new("pio"),
             mmio: Bus::new("mmio"),
@@ -305,9 +281,6 @@ impl<'a> DeviceManager<'a> {
                     addr: notify,
                     source,
                 })?;
-        }
-        if let Some(lines) = &self.lines {
-            transport.interrupt().set_line(lines(gsi));
         }
         let transport = Arc::new(Mutex::new(transport));
         self.mmio

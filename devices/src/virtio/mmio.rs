@@ -89,12 +89,6 @@ impl<D: VirtioDevice> MmioTransport<D> {
         })
     }
 
-    /// The device's interrupt, for raising its line directly
-    /// ([`super::Interrupt::set_line`]).
-    pub fn interrupt(&self) -> &super::Interrupt {
-        &self.interrupt
-    }
-
     /// The eventfd KVM signals when the guest notifies queue `i` (register it as an
     /// ioeventfd at `base + QUEUE_NOTIFY_OFFSET` with datamatch `i`).
     pub fn queue_evts(&self) -> &[EventFd] {

@@ -27,28 +27,11 @@ pub const INT_VRING: u32 = 1;
 /// Interrupt status bit: the configuration (or device status) changed.
 pub const INT_CONFIG: u32 = 2;
 
-/// Raises a device's interrupt line at once (KVM_IRQ_LINE on its GSI).
-pub type RaiseLine = Box<dyn Fn() -> std::io::Result<()> + Send + Sync>;
-
-/// A device's interrupt line: the status register the guest reads, the irqfd,
-/// and optionally a direct way to raise the line.
+/// A device's interrupt line: the status register the guest reads, and the irqfd.
+#[derive(Debug)]
 pub struct Interrupt {
     status: AtomicU32,
     irqfd: EventFd,
-    /// Raises the line from the calling thread. KVM injects an irqfd's
-    /// interrupt for an IOAPIC pin from a kernel worker, which must be
-    /// scheduled first (nested, a few hundred microseconds per interrupt);
-    /// QEMU raises its lines with KVM_IRQ_LINE the same way.
-    line: std::sync::OnceLock<RaiseLine>,
-}
-
-impl std::fmt::Debug for Interrupt {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Interrupt")
-            .field("status", &self.status)
-            .field("direct line", &self.line.get().is_some())
-            .finish()
-    }
 }
 
 impl Interrupt {
@@ -57,29 +40,12 @@ impl Interrupt {
         Self {
             status: AtomicU32::new(0),
             irqfd,
-            line: std::sync::OnceLock::new(),
-        }
-    }
-
-    /// From now on raises the line with `raise` (the irqfd stays for
-    /// another process, and as the fallback when `raise` fails).
-    pub fn set_line(&self, raise: RaiseLine) {
-        if self.line.set(raise).is_err() {
-            log::debug!("virtio: the interrupt line was set already");
         }
     }
 
     /// Sets `bits` in the interrupt status and raises the line.
     pub fn trigger(&self, bits: u32) {
         self.status.fetch_or(bits, Ordering::SeqCst);
-        if let Some(raise) = self.line.get() {
-            match raise() {
-                Ok(()) => return,
-                Err(e) => log_ratelimit::warn_limited!(
-                    "virtio: cannot raise the interrupt line ({e}); using the irqfd"
-                ),
-            }
-        }
         if let Err(e) = self.irqfd.write(1) {
             log::warn!("virtio: cannot raise interrupt: {e}");
         }

@@ -300,39 +300,3 @@ fn nodes_follow_registration_order() {
     assert!(nodes[2].windows(4).any(|w| w == b"VR00"));
     assert_eq!(nodes[3], b"PEVT");
 }
-
-#[test]
-fn virtio_interrupts_take_the_direct_line_of_their_gsi_when_there_is_one() {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    let vm = Recorder::default();
-    let mut dm = DeviceManager::new(&vm);
-    let raised = Arc::new(Mutex::new(Vec::new()));
-    let failing = Arc::new(AtomicU32::new(0));
-    {
-        let raised = raised.clone();
-        let failing = failing.clone();
-        dm.set_direct_lines(Box::new(move |gsi| {
-            let raised = raised.clone();
-            let failing = failing.clone();
-            Box::new(move || {
-                if failing.load(Ordering::SeqCst) == gsi {
-                    return Err(std::io::Error::other("refused"));
-                }
-                raised.lock().unwrap().push(gsi);
-                Ok(())
-            })
-        }));
-    }
-    let mem = mem();
-    let t = dm.register_mmio_device(Console::default(), &mem).unwrap();
-    let t = t.lock().unwrap();
-    t.interrupt().trigger(devices::virtio::INT_VRING);
-    assert_eq!(*raised.lock().unwrap(), vec![10], "the line of GSI 10");
-    let irqfd = &vm.irqfds.borrow()[0].1;
-    assert!(irqfd.read().is_err(), "not through the irqfd");
-    assert_eq!(t.interrupt().status(), devices::virtio::INT_VRING);
-    // A line that fails falls back to the irqfd.
-    failing.store(10, Ordering::SeqCst);
-    t.interrupt().trigger(devices::virtio::INT_VRING);
-    assert_eq!(irqfd.read().unwrap(), 1);
-}
