@@ -361,78 +361,54 @@ fn run_bad_inputs_are_one_clear_line_each() {
     let not_cpio = dir.join("not-cpio.img");
     std::fs::write(&not_cpio, "plain text\n").unwrap();
     let not_cpio = not_cpio.display().to_string();
-    let cases: Vec<(Vec<&str>, &str)> = vec![
+    // (kernel, options, command, what the one line names); each runs as
+    // `run --kernel KERNEL OPTIONS -- COMMAND`.
+    let cases: Vec<(&str, Vec<&str>, &str, &str)> = vec![
         (
-            vec![
-                "run",
-                "--kernel",
-                &k,
-                "--modules",
-                &builtin,
-                "--share",
-                &share,
-                "--",
-                "true",
-            ],
+            &k,
+            vec!["--modules", &builtin, "--share", &share],
+            "true",
             "CONFIG_VIRTIO_FS",
         ),
         (
-            vec!["run", "--kernel", "/nonexistent/vmlinuz", "--", "true"],
+            "/nonexistent/vmlinuz",
+            vec![],
+            "true",
             "/nonexistent/vmlinuz",
         ),
         (
-            vec![
-                "run",
-                "--kernel",
-                &k,
-                "--modules",
-                "/nonexistent/mods",
-                "--",
-                "true",
-            ],
+            &k,
+            vec!["--modules", "/nonexistent/mods"],
+            "true",
             "/nonexistent/mods",
         ),
+        (&k, vec!["--modules", &tree], "true", "virtio_mmio"),
         (
-            vec!["run", "--kernel", &k, "--modules", &tree, "--", "true"],
-            "virtio_mmio",
-        ),
-        (
-            vec![
-                "run",
-                "--kernel",
-                &k,
-                "--modules",
-                &tree,
-                "--add",
-                "/nonexistent/file",
-                "--",
-                "true",
-            ],
+            &k,
+            vec!["--modules", &tree, "--add", "/nonexistent/file"],
+            "true",
             "/nonexistent/file",
         ),
         // Found while the initramfs is made, on its own thread as the VM
         // is set up: the same one line.
         (
-            vec![
-                "run",
-                "--kernel",
-                &k,
-                "--modules",
-                &builtin,
-                "--initrd",
-                &not_cpio,
-                "--",
-                "true",
-            ],
+            &k,
+            vec!["--modules", &builtin, "--initrd", &not_cpio],
+            "true",
             "is not a newc cpio initramfs",
         ),
-        (vec!["run", "--kernel", &k, "--", ""], "no command"),
+        (&k, vec![], "", "no command"),
         (
-            vec!["run", "--kernel", &k, "--serial", "stdio", "--", "true"],
+            &k,
+            vec!["--serial", "stdio"],
+            "true",
             "--serial stdio is not available with run",
         ),
     ];
-    for (args, needle) in cases {
+    for (kernel, options, command, needle) in cases {
+        let mut args = vec!["run", "--kernel", kernel];
+        args.extend(options);
+        args.extend(["--", command]);
         let o = run(&args);
         assert_error(&o, needle);
         assert_eq!(o.status.code(), Some(125), "{args:?}: {}", stderr(&o));
