@@ -126,6 +126,37 @@ impl<'a> Guest<'a> {
         flags & 1 == 0
     }
 
+    /// Plays a device that turned notifications off on queue `q` and went
+    /// away: the used ring's `VRING_USED_F_NO_NOTIFY` set, and its
+    /// `avail_event` one behind the available index (passed by the driver).
+    pub fn notifications_left_off(&mut self, q: usize) {
+        let used = self.mocks[q].used_addr();
+        self.mem.write_obj(1u16, used).unwrap();
+        let behind = self.mocks[q].avail().idx().load().wrapping_sub(1);
+        self.mem
+            .write_obj(behind, self.avail_event_addr(q))
+            .unwrap();
+    }
+
+    /// Whether the driver notifies the device when it makes one more chain
+    /// available on queue `q`, as Linux's `virtqueue_kick_prepare` decides:
+    /// by the used ring's flags, or with event index by its `avail_event`.
+    pub fn would_notify(&self, q: usize, event_idx: bool) -> bool {
+        if !event_idx {
+            return self.notifications_wanted(q);
+        }
+        let old = self.mocks[q].avail().idx().load();
+        let new = old.wrapping_add(1);
+        let event: u16 = self.mem.read_obj(self.avail_event_addr(q)).unwrap();
+        // vring_need_event(event, new, old)
+        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+    }
+
+    /// `avail_event`: after the used ring's 16 elements of 8 bytes.
+    fn avail_event_addr(&self, q: usize) -> GuestAddress {
+        GuestAddress(self.mocks[q].used_addr().0 + 4 + 8 * 16)
+    }
+
     /// Offers a writable buffer of `len` bytes on queue `q`; returns its address.
     pub fn offer(&mut self, q: usize, len: u32) -> u64 {
         let a = self.alloc(len);

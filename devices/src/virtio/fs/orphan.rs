@@ -4,10 +4,12 @@
 //!
 //! The rings were the daemon's: how far it took them died with it. The
 //! device starts from the used index the daemon last published and answers
-//! every request made available after it. A daemon that answered out of
-//! order may leave one request unanswered (its process then waits, killably)
-//! or, rarely, a request answered twice: the guest's driver then stops the
-//! queue, and every later request on this share fails at once — EIO as well.
+//! every request made available after it, and asks for the guest's
+//! notifications again (the daemon may have died with them off). A daemon
+//! that answered out of order may leave one request unanswered (its process
+//! then waits, killably) or, rarely, a request answered twice: the guest's
+//! driver then stops the queue, and every later request on this share fails
+//! at once — EIO as well.
 
 use std::sync::atomic::Ordering;
 
@@ -85,18 +87,28 @@ impl Orphan {
             q.set_event_idx(event_idx);
             self.resynced[index] = true;
         }
+        let ring = |e| DeviceFailure(format!("used ring: {e:?}"));
         let mut any = false;
-        while let Some(chain) = q.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let len = if index == HIPRIO_QUEUE {
-                0
-            } else {
-                answer(mem, chain)?
-            };
-            q.add_used(mem, head, len)
-                .map_err(|e| DeviceFailure(format!("used ring: {e:?}")))?;
-            self.answered += 1;
-            any = true;
+        loop {
+            while let Some(chain) = q.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                let len = if index == HIPRIO_QUEUE {
+                    0
+                } else {
+                    answer(mem, chain)?
+                };
+                q.add_used(mem, head, len).map_err(ring)?;
+                self.answered += 1;
+                any = true;
+            }
+            // Ask for the guest's next notification. The daemon left the
+            // ring's notification state as it was: the used ring's NO_NOTIFY
+            // flag set, or an `avail_event` the guest has passed; the guest
+            // would then make its next requests without notifying, and they
+            // would wait forever. What came meanwhile is answered now.
+            if !q.enable_notification(mem).map_err(ring)? {
+                break;
+            }
         }
         if any {
             ctx.notify_used(index);

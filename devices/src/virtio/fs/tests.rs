@@ -180,6 +180,37 @@ fn the_takeover_starts_where_the_backend_left_the_used_ring() {
 }
 
 #[test]
+fn after_the_takeover_the_guest_notifies_every_request() {
+    for event_idx in [false, true] {
+        let (stream, _backend) = fake_backend(1 << 32);
+        let mut fs = VhostUserFs::new("share0", stream).unwrap();
+        fs.negotiated = (1 << 32) | if event_idx { EVENT_IDX } else { 0 };
+        let m = mem();
+        let mut g = Guest::with_queues(&m, 2);
+        // The daemon answered one request with notifications off, and died.
+        g.request(1, &fuse_request(1, 1), 64);
+        g.used_elsewhere(1, 1);
+        g.notifications_left_off(1);
+        assert!(
+            !g.would_notify(1, event_idx),
+            "the set-up (event_idx {event_idx})"
+        );
+        // The takeover looks at every queue once.
+        fs.backend_gone();
+        fs.process_queue(1, &mut g.ctx()).unwrap();
+        for unique in 2..5 {
+            assert!(
+                g.would_notify(1, event_idx),
+                "request {unique} is notified (event_idx {event_idx})"
+            );
+            let (head, _) = g.request(1, &fuse_request(1, unique), 64);
+            fs.process_queue(1, &mut g.ctx()).unwrap();
+            assert_eq!(g.used(1), vec![(u32::from(head), 16)]);
+        }
+    }
+}
+
+#[test]
 fn an_orphaned_device_survives_a_reset_and_answers_on_the_new_rings() {
     let mut fs = orphaned();
     fs.reset();
