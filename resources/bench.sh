@@ -10,7 +10,9 @@
 #         (resources/bench/run_vs_qemu.py);
 #   vmm   one guest in each: spawn to init, spawn to agent, QMP and
 #         guest-ping round trips, agent file read, 16550 console, RSS, and
-#         the guest's dmesg timeline (resources/bench/vmm_vs_qemu.py);
+#         the guest's dmesg timeline (resources/bench/vmm_vs_qemu.py),
+#         and one traced guest-ping round trip in each where perf runs
+#         (resources/bench/ping_timeline.py);
 #   fs    a host directory in the guest: minivmm's virtio-fs against QEMU
 #         microvm's vhost-user-fs-device (same virtiofsd) and QEMU's 9p, a
 #         64 MiB read and `find | wc -l` over 10 000 files
@@ -49,6 +51,11 @@ if [[ "${MINIVMM_BENCH_INNER:-}" == 1 ]]; then
         --minivmm target/x86_64-unknown-linux-gnu/release/minivmm --images "$IMAGES" --rounds "$rounds")"
     [[ "$only" =~ ^(|vmm)$ ]] && echo "MINIVMM-BENCH-VMM $(/usr/bin/python3 resources/bench/vmm_vs_qemu.py \
         --minivmm target/x86_64-unknown-linux-gnu/release/minivmm --images "$IMAGES" --rounds "$rounds")"
+    # One traced guest-ping round trip in each, for the docs (needs perf).
+    if [[ "$only" =~ ^(|vmm)$ ]] && perf --version >/dev/null 2>&1; then
+        echo "MINIVMM-BENCH-PING-MINIVMM $(/usr/bin/python3 resources/bench/ping_timeline.py --json)"
+        echo "MINIVMM-BENCH-PING-QEMU $(/usr/bin/python3 resources/bench/ping_timeline.py --json qemu)"
+    fi
     [[ "$only" =~ ^(|fs)$ ]] && echo "MINIVMM-BENCH-FS $(/usr/bin/python3 resources/bench/fs_vs_qemu.py \
         --minivmm target/x86_64-unknown-linux-gnu/release/minivmm --images "$IMAGES" --rounds "$rounds")"
     exit 0
@@ -84,5 +91,6 @@ if [[ $rounds -lt 5 ]]; then
     exit 0
 fi
 /usr/bin/python3 resources/bench/write_docs.py "$run" "$vmm" "$fs" "$machine" "$qemu" "$nested" \
-    "$(git describe --always --dirty 2>/dev/null || echo unknown)" >docs/PERFORMANCE.md
+    "$(git describe --always --dirty 2>/dev/null || echo unknown)" \
+    "$(field MINIVMM-BENCH-PING-MINIVMM)" "$(field MINIVMM-BENCH-PING-QEMU)" >docs/PERFORMANCE.md
 echo "bench: wrote docs/PERFORMANCE.md" >&2

@@ -69,6 +69,8 @@ class Lines:
     def __init__(self, sock):
         self.sock = sock
         self.buf = b""
+        # When the last line's first and last bytes arrived (`now()`).
+        self.first_byte = self.last_byte = None
 
     def send(self, obj, delimit=False):
         data = json.dumps(obj).encode() + b"\n"
@@ -77,19 +79,35 @@ class Lines:
     def next(self, timeout):
         """The next JSON line, or None after `timeout` s."""
         end = now() + timeout
-        while b"\n" not in self.buf:
+        # Chunks are kept apart and only new ones searched, so that a long
+        # line (a 1 MiB agent read is 1.4 MB of base64) costs the client
+        # linear time: appending to one bytes object copies it every time.
+        parts, held = [self.buf], len(self.buf)
+        nl = self.buf.find(b"\n")
+        self.first_byte = now() if self.buf else None
+        while nl < 0:
             left = end - now()
             if left <= 0:
+                self.buf = b"".join(parts)
                 return None
             self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(1 << 20)
             except socket.timeout:
+                self.buf = b"".join(parts)
                 return None
             if not chunk:
                 raise RuntimeError("the socket closed")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
+            if self.first_byte is None:
+                self.first_byte = now()
+            at = chunk.find(b"\n")
+            if at >= 0:
+                nl = held + at
+            parts.append(chunk)
+            held += len(chunk)
+        self.last_byte = now()
+        buf = b"".join(parts)
+        line, self.buf = buf[:nl], buf[nl + 1:]
         return json.loads(line.lstrip(b"\xff").decode())
 
 
@@ -133,14 +151,24 @@ class Agent(Lines):
             time.sleep(poll)
 
 
-def read_agent_file(agent, path, chunk=1 << 20):
+def read_agent_file(agent, path, chunk=1 << 20, phases=None):
     """Reads `path` in the guest through the agent (`guest-file-read` of
-    `chunk` bytes at a time); returns the bytes read."""
+    `chunk` bytes at a time); returns the bytes read. With a list as
+    `phases`, appends for each read that returned data the milliseconds
+    (wait, transfer, client): from the request sent to the reply's first
+    byte at the client (the request's way to the agent, the agent's read and
+    encoding), from its first byte to its last (the reply's way out of the
+    guest), and the client's parsing and decoding."""
     h = agent.cmd("guest-file-open", {"path": path, "mode": "r"})
     got = 0
     while True:
+        sent = now()
         rd = agent.cmd("guest-file-read", {"handle": h, "count": chunk})
-        got += len(base64.b64decode(rd["buf-b64"]))
+        n = len(base64.b64decode(rd["buf-b64"]))
+        got += n
+        if phases is not None and n:
+            first, last = agent.first_byte, agent.last_byte
+            phases.append(((first - sent) * 1e3, (last - first) * 1e3, (now() - last) * 1e3))
         if rd.get("eof") or rd["count"] == 0:
             break
     agent.cmd("guest-file-close", {"handle": h})

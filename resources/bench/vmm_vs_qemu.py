@@ -15,6 +15,11 @@ stdout, QMP and the guest agent on Unix sockets, and measures:
   the agent answered;
 * file_read: `guest-file-read` of a 16 MiB file in 1 MiB reads, MB/s, and
   file_read_cpu: the VMM's CPU time outside guest code during it, % of one core;
+  and each 1 MiB read's phases, ms (medians of the 16): file_read_wait, from
+  the request sent to the reply's first byte (the request's way in, the
+  agent's read and base64); file_read_transfer, its first byte to its last
+  (the 1.4 MB reply's way out of the guest); file_read_client, the client's
+  JSON parsing and decoding;
 * console, hvc: the guest writes N bytes to /dev/ttyS0, then M bytes to
   /dev/hvc0 (minivmm `--console virtio`, QEMU a `virtconsole` on the same
   stdio chardev as the serial port) with guest-exec of a shell pipe; KB/s
@@ -117,9 +122,12 @@ def one_round(name, argv, qmp_path, agent_path, tmp, console_bytes, hvc_bytes):
             raise RuntimeError(f"dd: {st}")
         cpu0 = cpu_seconds(p.pid)
         t = now()
-        got = read_agent_file(agent, "/tmp/f")
+        phases = []
+        got = read_agent_file(agent, "/tmp/f", phases=phases)
         wall = now() - t
         r["file_read"] = got / wall / 1e6
+        for i, key in enumerate(("file_read_wait", "file_read_transfer", "file_read_client")):
+            r[key] = statistics.median(ph[i] for ph in phases)
         # The VMM's own CPU time (its threads outside guest code) per second
         # of the read: whether the host side is what limits it.
         r["file_read_cpu"] = (cpu_seconds(p.pid) - cpu0) / wall * 100.0
@@ -151,7 +159,8 @@ def one_round(name, argv, qmp_path, agent_path, tmp, console_bytes, hvc_bytes):
 
 
 METRICS = ["init", "agent", "uptime_at_init", "qmp_rtt", "ping_rtt", "rss_kib",
-           "rss_files_kib", "rss_after_read_kib", "file_read", "file_read_cpu", "console", "hvc"]
+           "rss_files_kib", "rss_after_read_kib", "file_read", "file_read_cpu",
+           "file_read_wait", "file_read_transfer", "file_read_client", "console", "hvc"]
 
 
 def main():
