@@ -88,7 +88,13 @@ impl Running {
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut first = String::new();
         stdout.read_line(&mut first).unwrap();
-        (Self { child, stdout }, first)
+        let run = Self { child, stdout };
+        if first.is_empty() {
+            // It ended before printing: say how, with minivmm's diagnostics.
+            let (st, _, err) = run.finish(b"");
+            panic!("the run ended before its first line: {st}; stderr: {err}");
+        }
+        (run, first)
     }
 
     /// Writes `input` and closes stdin, then waits for the end: the exit
