@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use crate::virtio::{DeviceFailure, QueueContext};
+use crate::virtio::{ring_error, DeviceFailure, QueueContext};
 
 /// The high-priority queue (FORGET, INTERRUPT): requests without replies.
 pub const HIPRIO_QUEUE: usize = 0;
@@ -87,7 +87,6 @@ impl Orphan {
             q.set_event_idx(event_idx);
             self.resynced[index] = true;
         }
-        let ring = |e| DeviceFailure(format!("used ring: {e:?}"));
         let mut any = false;
         loop {
             while let Some(chain) = q.pop_descriptor_chain(mem) {
@@ -97,7 +96,7 @@ impl Orphan {
                 } else {
                     answer(mem, chain)?
                 };
-                q.add_used(mem, head, len).map_err(ring)?;
+                q.add_used(mem, head, len).map_err(ring_error)?;
                 self.answered += 1;
                 any = true;
             }
@@ -106,7 +105,7 @@ impl Orphan {
             // flag set, or an `avail_event` the guest has passed; the guest
             // would then make its next requests without notifying, and they
             // would wait forever. What came meanwhile is answered now.
-            if !q.enable_notification(mem).map_err(ring)? {
+            if !q.enable_notification(mem).map_err(ring_error)? {
                 break;
             }
         }
