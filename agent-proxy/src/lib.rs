@@ -229,7 +229,12 @@ pub struct AgentProxy {
     to_guest: Vec<u8>,
     qmp_replies: Vec<(u64, Result<qmp::protocol::RawJson, AgentError>)>,
     timer: TimerFd,
+    /// When the timer fires, if armed (it may be earlier than any deadline
+    /// left: see `update_timer`).
     timer_deadline: Option<std::time::Instant>,
+    /// How often the timer was armed.
+    #[cfg(test)]
+    timer_arms: u64,
     max_reply: usize,
     last_sync_id: i64,
     clock: Clock,
@@ -303,6 +308,8 @@ impl AgentProxy {
             qmp_replies: Vec::new(),
             timer,
             timer_deadline: None,
+            #[cfg(test)]
+            timer_arms: 0,
             max_reply: MAX_REPLY,
             last_sync_id: 0,
             clock: Clock::System,

@@ -166,6 +166,81 @@ fn interleaved_clients_get_their_own_replies() {
     }
 }
 
+/// Runs rounds until a QMP caller's reply arrives.
+fn await_qmp_reply(h: &mut Harness) -> Vec<(u64, Result<qmp::protocol::RawJson, AgentError>)> {
+    let start = Instant::now();
+    h.pump();
+    loop {
+        let replies = h.proxy.borrow_mut().take_qmp_replies();
+        if !replies.is_empty() {
+            return replies;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "no reply");
+        // Blocks in epoll until something happens (the timer, at the latest).
+        h.round(1000);
+        let replies = h.proxy.borrow_mut().take_qmp_replies();
+        if !replies.is_empty() {
+            return replies;
+        }
+    }
+}
+
+#[test]
+fn answered_requests_do_not_rearm_the_timer() {
+    let mut h = Harness::new("lazy-timer", Duration::from_secs(30));
+    h.open();
+    let arms = h.proxy.borrow().timer_arms;
+    for i in 0..10 {
+        h.proxy
+            .borrow_mut()
+            .submit_qmp(i, json!({"execute": "guest-sync", "arguments": {"id": i}}));
+        let replies = await_qmp_reply(&mut h);
+        assert_eq!(replies.len(), 1);
+        assert!(replies[0].1.is_ok(), "{replies:?}");
+    }
+    // The timer armed for the sync's deadline (or the first request's) stays
+    // armed: each request would otherwise arm it and disarm it again.
+    assert!(
+        h.proxy.borrow().timer_arms - arms <= 1,
+        "the timer was armed {} times for 10 answered requests",
+        h.proxy.borrow().timer_arms - arms
+    );
+}
+
+#[test]
+fn a_timer_left_armed_fires_early_without_failing_a_request() {
+    let timeout = Duration::from_millis(300);
+    let mut h = Harness::new("early-timer", timeout);
+    h.open();
+    h.proxy
+        .borrow_mut()
+        .submit_qmp(1, json!({"execute": "guest-sync", "arguments": {"id": 1}}));
+    assert!(await_qmp_reply(&mut h)[0].1.is_ok());
+    // The timer is still armed for a deadline before the next request's: let
+    // half the timeout pass so that it fires while that request waits.
+    std::thread::sleep(timeout / 2);
+    h.agent.hung = true;
+    let sent = Instant::now();
+    h.proxy
+        .borrow_mut()
+        .submit_qmp(2, json!({"execute": "guest-sync", "arguments": {"id": 2}}));
+    let replies = await_qmp_reply(&mut h);
+    assert!(
+        sent.elapsed() >= timeout,
+        "failed after {:?}, before its timeout",
+        sent.elapsed()
+    );
+    assert_eq!(
+        replies,
+        vec![(
+            2,
+            Err(AgentError::generic(
+                "Guest agent did not respond within 0.3 seconds"
+            ))
+        )]
+    );
+}
+
 #[test]
 fn timeout_errors_then_resyncs() {
     let mut h = Harness::new("timeout", Duration::from_millis(200));
