@@ -119,12 +119,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if !self.is_active() {
             return None;
         }
-        let mut ctx = QueueContext {
-            mem: &self.mem,
-            queues: &mut self.queues,
-            interrupt: &self.interrupt,
-        };
-        let result = match f(&mut self.device, &mut ctx) {
+        let mut ctx = QueueContext::new(&self.mem, &mut self.queues, &self.interrupt);
+        let outcome = f(&mut self.device, &mut ctx);
+        // Raises the pass's interrupt, if any.
+        drop(ctx);
+        let result = match outcome {
             Ok(v) => Some(v),
             Err(e) => {
                 self.fail(&e.0);

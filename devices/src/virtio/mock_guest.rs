@@ -51,11 +51,7 @@ impl<'a> Guest<'a> {
     }
 
     pub fn ctx(&mut self) -> QueueContext<'_> {
-        QueueContext {
-            mem: self.mem,
-            queues: &mut self.queues,
-            interrupt: &self.interrupt,
-        }
+        QueueContext::new(self.mem, &mut self.queues, &self.interrupt)
     }
 
     pub fn alloc(&mut self, len: u32) -> u64 {

@@ -51,6 +51,13 @@ impl Interrupt {
         }
     }
 
+    /// How often the line was raised since the last call (reads the irqfd,
+    /// which must be non-blocking).
+    #[cfg(test)]
+    pub(crate) fn take_raised(&self) -> u64 {
+        self.irqfd.read().unwrap_or(0)
+    }
+
     /// Current status bits.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
@@ -67,6 +74,13 @@ impl Interrupt {
 }
 
 /// What a device works with while processing its queues.
+///
+/// Used-ring interrupts ([`Self::notify_used`]) are raised once, when the
+/// context is dropped: a pass that completes buffers on several queues (the
+/// agent port's request and the previous reply's buffers) costs one irqfd
+/// write and at most one interrupt, not one per queue (a second write could
+/// reach KVM after the first was injected, and interrupt the guest again for
+/// nothing: two more exits for the status and its acknowledgement).
 pub struct QueueContext<'a> {
     /// Guest memory.
     pub mem: &'a GuestMemoryMmap,
@@ -74,9 +88,33 @@ pub struct QueueContext<'a> {
     pub queues: &'a mut [Queue],
     /// The device's interrupt.
     pub interrupt: &'a Interrupt,
+    /// A used-ring interrupt is due when the context is dropped.
+    raise: bool,
 }
 
-impl QueueContext<'_> {
+impl Drop for QueueContext<'_> {
+    fn drop(&mut self) {
+        if self.raise {
+            self.interrupt.trigger(INT_VRING);
+        }
+    }
+}
+
+impl<'a> QueueContext<'a> {
+    /// A context for one pass over a device's queues.
+    pub fn new(
+        mem: &'a GuestMemoryMmap,
+        queues: &'a mut [Queue],
+        interrupt: &'a Interrupt,
+    ) -> Self {
+        Self {
+            mem,
+            queues,
+            interrupt,
+            raise: false,
+        }
+    }
+
     /// Raises the used-ring interrupt for queue `index` unless its driver
     /// asked for none: `VRING_AVAIL_F_NO_INTERRUPT` in the available ring's
     /// flags, or with `VIRTIO_RING_F_EVENT_IDX` its `used_event` (virtio-queue
@@ -98,7 +136,7 @@ impl QueueContext<'_> {
                 .unwrap_or(true)
         };
         if wanted {
-            self.interrupt.trigger(INT_VRING);
+            self.raise = true;
         }
     }
 }

@@ -389,12 +389,19 @@ fn a_reply_goes_back_with_the_next_request_or_when_half_the_ring_is_out() {
     c.process_queue(TX1, &mut g.ctx()).unwrap();
     assert_eq!(c.take_from_guest(), b"{\"return\": {}}\n");
     assert!(g.used(TX1).is_empty());
-    // The next request: its delivery gives the reply's buffer back.
+    // The next request: its delivery gives the reply's buffer back, with
+    // one interrupt for both queues.
     let rx = g.offer(RX1, 64);
+    g.interrupt.take_raised();
     c.send_to_guest(b"{\"execute\":\"guest-ping\"}\n", &mut g.ctx())
         .unwrap();
     assert_eq!(g.used(TX1).len(), 1);
     assert_eq!(g.used(RX1).len(), 1);
+    assert_eq!(
+        g.interrupt.take_raised(),
+        1,
+        "one interrupt for both queues"
+    );
     assert_eq!(g.read(rx, 4), b"{\"ex");
     assert_eq!(c.polling(), None);
     // Ten writes on a ring of 16: when 8 are out, they go back at once.
