@@ -138,9 +138,12 @@ impl AgentLink {
             }
             moved |= exchange(p, proxy, &mut self.open, &mut self.port_events, rt);
         }
-        if let Some(ev) = self.port_events.due(Instant::now()) {
-            rt.emit(ev);
-            moved = true;
+        // Only a pending event needs the time (`offer` looks for itself).
+        if self.port_events.deadline().is_some() {
+            if let Some(ev) = self.port_events.due(Instant::now()) {
+                rt.emit(ev);
+                moved = true;
+            }
         }
         moved
     }
