@@ -10,7 +10,12 @@ stdout, QMP and the guest agent on Unix sockets, and measures:
 * agent: spawn until qemu-ga answers (QMP `VSERPORT_CHANGE` open, then
   `guest-sync-delimited` and `guest-ping`);
 * qmp_rtt: `query-status` round trip (median of 200);
-* ping_rtt: `guest-ping` round trip on the agent socket (median of 100);
+* ping_rtt: `guest-ping` round trip on the agent socket (median of 100),
+  and over those 100 the CPU time per round trip, ms, of the guest's code
+  (ping_guest: the vcpu threads' guest time), of the VMM's vcpu threads
+  outside guest code (ping_vcpu: handling exits, in KVM and in the VMM) and
+  of its other threads (ping_loop: its event loop and I/O threads), from
+  /proc/PID/task/*/stat (clock ticks);
 * rss: the VMM's resident memory outside guest RAM (/proc/PID/smaps) once
   the agent answered;
 * file_read: `guest-file-read` of a 16 MiB file in 1 MiB reads, MB/s, and
@@ -81,6 +86,35 @@ def cpu_seconds(pid):
     return (utime + stime - guest) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_ticks(pid):
+    """Per thread of process `pid`: (user + system ticks, guest ticks)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        out[tid] = (int(fields[11]) + int(fields[12]), int(fields[40]))
+    return out
+
+
+def cpu_split_ms(before, after, n):
+    """CPU ms per operation between two `thread_ticks`, n operations: the
+    guest's code, the vcpu threads (those that ran guest code) outside it,
+    and the other threads."""
+    tick = 1000.0 / os.sysconf("SC_CLK_TCK")
+    guest = vcpu = other = 0
+    for tid, (total, g) in after.items():
+        t0, g0 = before.get(tid, (0, 0))
+        if g > 0:
+            guest += g - g0
+            vcpu += (total - t0) - (g - g0)
+        else:
+            other += total - t0
+    return guest * tick / n, vcpu * tick / n, other * tick / n
+
+
 def median_ms(fn, n):
     xs = []
     for _ in range(n):
@@ -113,7 +147,10 @@ def one_round(name, argv, qmp_path, agent_path, tmp, console_bytes, hvc_bytes):
         r["rss_kib"] = rss_without_guest_ram_kib(p.pid)
         r["rss_files_kib"] = rss_without_guest_ram_kib(p.pid, files_only=True)
         r["qmp_rtt"] = median_ms(lambda: qmp.cmd("query-status"), 200)
+        ticks = thread_ticks(p.pid)
         r["ping_rtt"] = median_ms(lambda: agent.cmd("guest-ping"), 100)
+        r["ping_guest"], r["ping_vcpu"], r["ping_loop"] = cpu_split_ms(
+            ticks, thread_ticks(p.pid), 100)
 
         # 16 MiB read back in 1 MiB reads.
         st = agent.exec_wait("/bin/dd", ["if=/dev/urandom", "of=/tmp/f", "bs=1048576",
@@ -158,7 +195,8 @@ def one_round(name, argv, qmp_path, agent_path, tmp, console_bytes, hvc_bytes):
     return r
 
 
-METRICS = ["init", "agent", "uptime_at_init", "qmp_rtt", "ping_rtt", "rss_kib",
+METRICS = ["init", "agent", "uptime_at_init", "qmp_rtt", "ping_rtt", "ping_guest",
+           "ping_vcpu", "ping_loop", "rss_kib",
            "rss_files_kib", "rss_after_read_kib", "file_read", "file_read_cpu",
            "file_read_wait", "file_read_transfer", "file_read_client", "console", "hvc"]
 
