@@ -281,12 +281,16 @@ fn running_on_a_share(dir: &Path, extra: &[&str], script: &str) -> std::process:
         .spawn()
         .unwrap();
     let mut first = [0u8; 6];
-    child
-        .stdout
-        .as_mut()
-        .unwrap()
-        .read_exact(&mut first)
-        .unwrap();
+    if let Err(e) = child.stdout.as_mut().unwrap().read_exact(&mut first) {
+        // It ended before the command printed: say how, with minivmm's
+        // diagnostics (a nested guest's triple fault or hang shows there).
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "the run ended before the command read the share ({e}): {}; stderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     assert_eq!(&first, b"first\n", "the command read the share");
     assert!(!virtiofsd_serving(dir).is_empty(), "a daemon serves it");
     child
@@ -317,8 +321,9 @@ fn run_share_daemons_are_gone_after_a_signal_and_a_timeout() {
         "none after SIGTERM"
     );
 
-    // --timeout while the command runs (long enough for a nested boot).
-    let child = running_on_a_share(&dir, &["--timeout", "40"], script);
+    // --timeout while the command runs: long enough for a nested boot beside
+    // the other tests' guests (40 s was not, once, in CI on a slow host).
+    let child = running_on_a_share(&dir, &["--timeout", "90"], script);
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(124), "stderr: {err}");
