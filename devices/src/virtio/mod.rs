@@ -115,10 +115,11 @@ impl<'a> QueueContext<'a> {
         }
     }
 
-    /// Raises the used-ring interrupt for queue `index` unless its driver
-    /// asked for none: `VRING_AVAIL_F_NO_INTERRUPT` in the available ring's
-    /// flags, or with `VIRTIO_RING_F_EVENT_IDX` its `used_event` (virtio-queue
-    /// checks only the latter). An interrupt the driver does not want costs the
+    /// Raises (when the context is dropped) the used-ring interrupt for
+    /// queue `index` unless its driver asked for none:
+    /// `VRING_AVAIL_F_NO_INTERRUPT` in the available ring's flags, or with
+    /// `VIRTIO_RING_F_EVENT_IDX` its `used_event` (virtio-queue checks only
+    /// the latter). An interrupt the driver does not want costs the
     /// guest an exit for it and two more for the status and its acknowledgement.
     pub fn notify_used(&mut self, index: usize) {
         let Some(q) = self.queues.get_mut(index) else {
